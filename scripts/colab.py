@@ -1,0 +1,123 @@
+"""Keep every Colab link in sync with the one repository URL in pyproject.toml.
+
+* README.md: the studies table (between the `studies:start`/`studies:end` markers) with one
+  "Open in Colab" badge per notebook, built from the URL.
+* notebooks/*.ipynb: the `%pip install "mechinterp-repro @ git+<URL>"` line of the setup cell.
+
+    python scripts/colab.py          # rewrite README table + setup cells
+    python scripts/colab.py --check  # exit 1 (and say what differs) if anything is out of sync
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- studies:start -->", "<!-- studies:end -->"
+INSTALL_LINE = re.compile(r'%pip install -q "mechinterp-repro @ git\+[^"]*"')
+
+# One row per study. Runtimes are measured (2 CPU cores, no GPU; see figures/RESULTS.md for the
+# embedded run and `make test`'s --durations for the ci run); "–" where not measured.
+STUDIES = [
+    dict(notebook="01_grokking_fourier_circuits", study="Grokking: Fourier circuits & progress measures",
+         paper="Nanda et al. 2023", paper_model="1-layer transformer trained from scratch (p = 113)",
+         embedded_model="same model, trained here", runtime_embedded="–", runtime_ci="–", status="in progress"),
+    dict(notebook="02_ioi_circuit", study="Indirect object identification circuit",
+         paper="Wang et al. 2022", paper_model="GPT-2 small", embedded_model="SmolLM2-135M-Instruct",
+         runtime_embedded="–", runtime_ci="–", status="in progress"),
+    dict(notebook="03_refusal_direction", study="Refusal is mediated by a single direction",
+         paper="Arditi et al. 2024", paper_model="Qwen-1.8B-chat / Gemma-2B-it",
+         embedded_model="SmolLM2-135M-Instruct + project LoRA safety tuning",
+         runtime_embedded="–", runtime_ci="–", status="in progress"),
+    dict(notebook="04_entropy_neurons", study="Entropy & token-frequency neurons",
+         paper="Stolfo et al. 2024", paper_model="GPT-2 small", embedded_model="SmolLM2-135M-Instruct",
+         runtime_embedded="–", runtime_ci="–", status="in progress"),
+    dict(notebook="05_self_repair", study="Self-repair",
+         paper="Rushing & Nanda 2024", paper_model="GPT-2 small, Pythia-160M", embedded_model="SmolLM2-135M-Instruct",
+         runtime_embedded="–", runtime_ci="–", status="in progress"),
+    dict(notebook="06_activation_patching_best_practices", study="Activation patching best practices",
+         paper="Zhang & Nanda 2024", paper_model="GPT-2 small (IOI), GPT-2 XL (facts)",
+         embedded_model="SmolLM2-135M-Instruct", runtime_embedded="–", runtime_ci="–", status="in progress"),
+]
+
+
+def repository_url() -> str:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    try:
+        url = project["project"]["urls"]["Repository"].rstrip("/")
+    except KeyError:
+        sys.exit("pyproject.toml has no [project.urls] Repository entry: add the GitHub URL there.")
+    if not re.fullmatch(r"https://github\.com/[^/]+/[^/]+", url):
+        sys.exit(f"[project.urls] Repository must look like https://github.com/OWNER/REPO, got {url!r}.")
+    return url
+
+
+def colab_badge(url: str, notebook: str) -> str:
+    owner_repo = url.removeprefix("https://github.com/")
+    target = f"https://colab.research.google.com/github/{owner_repo}/blob/main/notebooks/{notebook}.ipynb"
+    return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({target})"
+
+
+def studies_table(url: str) -> str:
+    rows = [
+        "| # | study | paper | paper profile model | embedded/ci model | runtime embedded | runtime ci | status | Colab |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for number, s in enumerate(STUDIES, start=1):
+        link = f"[{s['study']}](notebooks/{s['notebook']}.ipynb)"
+        rows.append(f"| {number} | {link} | {s['paper']} | {s['paper_model']} | {s['embedded_model']} | "
+                    f"{s['runtime_embedded']} | {s['runtime_ci']} | {s['status']} | {colab_badge(url, s['notebook'])} |")
+    return "\n".join(rows)
+
+
+def synced_readme(url: str) -> str:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    if START not in readme or END not in readme:
+        sys.exit(f"README.md lacks the {START} / {END} markers around the studies table.")
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{studies_table(url)}\n{END}{tail}"
+
+
+def synced_notebook(path: Path, url: str) -> str:
+    text = path.read_text(encoding="utf-8")
+    notebook = json.loads(text)
+    if not notebook.get("cells"):
+        return text
+    first = notebook["cells"][0]
+    source = "".join(first["source"]) if isinstance(first["source"], list) else first["source"]
+    new_source = INSTALL_LINE.sub(f'%pip install -q "mechinterp-repro @ git+{url}"', source)
+    if new_source == source:
+        return text
+    first["source"] = new_source.splitlines(keepends=True)
+    return json.dumps(notebook, indent=1, ensure_ascii=False) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only report what is out of sync")
+    args = parser.parse_args()
+    url = repository_url()
+    stale = []
+    targets = [(ROOT / "README.md", synced_readme(url))]
+    targets += [(p, synced_notebook(p, url)) for p in sorted((ROOT / "notebooks").glob("*.ipynb"))]
+    for path, wanted in targets:
+        if path.read_text(encoding="utf-8") != wanted:
+            stale.append(path.relative_to(ROOT))
+            if not args.check:
+                path.write_text(wanted, encoding="utf-8")
+    if args.check and stale:
+        print("Out of sync with pyproject.toml's repository URL: " + ", ".join(map(str, stale))
+              + ". Run `python scripts/colab.py`.")
+        return 1
+    print(("updated: " + ", ".join(map(str, stale))) if stale else "Colab links are in sync.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
