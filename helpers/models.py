@@ -135,9 +135,27 @@ def _embedded_cache_path() -> Path:
     return cache_dir() / f"smollm2-135m-instruct-f32-{EMBEDDED_GGUF_SHA256[:12]}"
 
 
+@contextlib.contextmanager
+def _hub_offline_while_loading():
+    """``HF_HUB_OFFLINE=1`` for the duration of a local load only (restored afterwards)."""
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous
+
+
 def _load_embedded_hf(dtype: torch.dtype) -> tuple[Any, Any]:
     """The embedded model as a Hugging Face model + tokenizer, from the float32 cache when present."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    with _hub_offline_while_loading():
+        return _load_embedded_hf_offline(dtype)
+
+
+def _load_embedded_hf_offline(dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cached = _embedded_cache_path()
@@ -318,14 +336,14 @@ def load_model(
 
 def _embedded_tokenizer() -> Any:
     """The embedded model's tokenizer, shared by the tiny models so that they read the same text."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
     from transformers import AutoTokenizer
 
-    cached = _embedded_cache_path()
-    if (cached / "tokenizer.json").is_file() and (cached / "mi_source.json").is_file():
-        return AutoTokenizer.from_pretrained(cached)
-    gguf = embedded_gguf_path(verify=True)
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with _hub_offline_while_loading():
+        cached = _embedded_cache_path()
+        if (cached / "tokenizer.json").is_file() and (cached / "mi_source.json").is_file():
+            return AutoTokenizer.from_pretrained(cached)
+        gguf = embedded_gguf_path(verify=True)
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
 def _uses_layernorm(model: Any) -> bool:

@@ -121,3 +121,11 @@ def test_dequantised_weights_are_cached_and_reload_identically(monkeypatch, tmp_
     with torch.no_grad():
         assert torch.equal(first(tokens), second(tokens))
         assert torch.equal(first(tokens), embedded_model(tokens))
+
+
+def test_loading_local_models_leaves_the_offline_flag_as_it_was(monkeypatch):
+    import os
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    load_model("tiny-llama", device="cpu")
+    assert "HF_HUB_OFFLINE" not in os.environ
