@@ -1,0 +1,543 @@
+"""Ablations: knock out heads, neurons or residual-stream directions, and steer along a direction.
+
+Everything here returns **forward hooks** — lists of ``(hook_name, fn)`` for
+``model.run_with_hooks(tokens, attention_mask=..., fwd_hooks=hooks)`` or ``with model.hooks(hooks):``
+— except :func:`orthogonalize_weights`, which edits the weights (and undoes the edit on exit).
+
+Components and where they are ablated
+-------------------------------------
+* :class:`Head` ``(layer, head)`` — the head's slice of ``blocks.{layer}.attn.hook_z``
+  ``[batch, pos, head, d_head]`` (its output before ``W_O``), at every position. A plain
+  ``(layer, head)`` tuple means a head too.
+* :class:`Neuron` ``(layer, neuron)`` — one column of ``blocks.{layer}.mlp.hook_post``
+  ``[batch, pos, d_mlp]`` (the activation that multiplies ``W_out``), at every position.
+* :class:`ResidDirection` ``(layer, direction, site)`` — the component of
+  ``blocks.{layer}.hook_{site}`` along the unit vector ``direction``; the orthogonal complement is
+  left exactly as it was.
+
+Methods (:func:`ablation_hooks`)
+--------------------------------
+* ``"zero"`` — replace by 0.
+* ``"mean"`` — replace by the mean over every real (non-padding) token of a ``reference`` batch.
+* ``"resample"`` — replace by the activation of a *different* prompt at the same position: the
+  ``reference`` batch must have the ablated batch's exact shape (use :func:`resample_reference` to
+  pair every prompt with another one of the same batch).
+
+Refusal-direction tools (Arditi et al. 2024)
+--------------------------------------------
+* :func:`direction_ablation_hooks` projects a unit direction ``r`` out of the residual stream at
+  every layer: out of ``hook_resid_pre`` of every block and out of every attention and MLP output
+  (``hook_attn_out``, ``hook_mlp_out``), so no layer can write along ``r``.
+* :func:`orthogonalize_weights` makes the same intervention a weight edit: every matrix that
+  writes to the residual stream (token and position embeddings, every attention ``W_O`` and bias,
+  every MLP ``W_out`` and bias) is replaced by ``(I - r rᵀ) W``. Tied embeddings are untied first so
+  the unembedding stays unchanged. Same outputs as the hooks up to float error (tested).
+* :func:`activation_addition_hooks` adds ``coeff * direction`` to ``hook_resid_pre`` of one layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+import torch
+from jaxtyping import Float
+
+from helpers.prompts import TokenBatch
+
+Hook = tuple[str, Callable[..., torch.Tensor]]
+AblationMethod = Literal["zero", "mean", "resample"]
+ResidSite = Literal["resid_pre", "resid_mid", "resid_post"]
+
+METHODS: tuple[str, ...] = ("zero", "mean", "resample")
+RESID_SITES: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
+
+
+# --------------------------------------------------------------------------------------------------
+# Components
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Head:
+    """Attention head ``head`` of block ``layer``; ablated in ``blocks.{layer}.attn.hook_z``."""
+
+    layer: int
+    head: int
+
+    @property
+    def hook_name(self) -> str:
+        return f"blocks.{self.layer}.attn.hook_z"
+
+    def __str__(self) -> str:
+        return f"L{self.layer}H{self.head}"
+
+
+@dataclass(frozen=True)
+class Neuron:
+    """MLP neuron ``neuron`` of block ``layer``; ablated in ``blocks.{layer}.mlp.hook_post``."""
+
+    layer: int
+    neuron: int
+
+    @property
+    def hook_name(self) -> str:
+        return f"blocks.{self.layer}.mlp.hook_post"
+
+    def __str__(self) -> str:
+        return f"L{self.layer}N{self.neuron}"
+
+
+@dataclass(frozen=True, eq=False)
+class ResidDirection:
+    """The component along ``direction`` of the residual stream at ``blocks.{layer}.hook_{site}``.
+
+    ``direction`` is normalised to unit length when the hooks are built.
+    """
+
+    layer: int
+    direction: Float[torch.Tensor, "d_model"] = field(repr=False)
+    site: ResidSite = "resid_pre"
+
+    @property
+    def hook_name(self) -> str:
+        return f"blocks.{self.layer}.hook_{self.site}"
+
+    def __str__(self) -> str:
+        return f"L{self.layer}.{self.site}.dir"
+
+
+Component = Head | Neuron | ResidDirection
+
+
+def heads(model: Any, layers: Iterable[int] | None = None) -> list[Head]:
+    """Every head of ``model`` (or of ``layers``), in (layer, head) order."""
+    layer_list = range(model.cfg.n_layers) if layers is None else layers
+    return [Head(layer, head) for layer in layer_list for head in range(model.cfg.n_heads)]
+
+
+def as_component(model: Any, component: Any) -> Component:
+    """Validate one component (a :class:`Head`/:class:`Neuron`/:class:`ResidDirection` or a
+    ``(layer, head)`` tuple) against ``model``'s sizes, with an actionable error."""
+    if isinstance(component, tuple) and len(component) == 2 and all(isinstance(i, int) for i in component):
+        component = Head(*component)
+    if not isinstance(component, (Head, Neuron, ResidDirection)):
+        raise TypeError(
+            f"Cannot ablate {component!r}: expected Head(layer, head), Neuron(layer, neuron), "
+            "ResidDirection(layer, direction, site) or a (layer, head) tuple of ints."
+        )
+    n_layers = model.cfg.n_layers
+    if not 0 <= component.layer < n_layers:
+        raise ValueError(f"{component}: layer {component.layer} is out of range; the model has {n_layers} layers (0..{n_layers - 1}).")
+    if isinstance(component, Head) and not 0 <= component.head < model.cfg.n_heads:
+        raise ValueError(f"{component}: head {component.head} is out of range; the model has {model.cfg.n_heads} heads per layer.")
+    if isinstance(component, Neuron) and not 0 <= component.neuron < model.cfg.d_mlp:
+        raise ValueError(f"{component}: neuron {component.neuron} is out of range; d_mlp is {model.cfg.d_mlp}.")
+    if isinstance(component, ResidDirection):
+        if component.site not in RESID_SITES:
+            raise ValueError(f"ResidDirection site must be one of {RESID_SITES}, got {component.site!r}.")
+        unit_direction(component.direction, model.cfg.d_model, name=f"{component}.direction")
+    return component
+
+
+def unit_direction(direction: Any, d_model: int, *, name: str = "direction") -> Float[torch.Tensor, "d_model"]:
+    """``direction`` as a float tensor of unit norm; a clear error for a wrong shape, zero or NaN."""
+    if not isinstance(direction, torch.Tensor):
+        direction = torch.as_tensor(direction)
+    if direction.ndim != 1 or direction.shape[0] != d_model:
+        raise ValueError(f"{name} must be a 1-D tensor of length d_model={d_model}, got shape {tuple(direction.shape)}.")
+    direction = direction.detach().to(torch.float32)
+    norm = direction.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise ValueError(f"{name} has norm {norm.item()}: it must be finite and non-zero to define a direction.")
+    return direction / norm
+
+
+# --------------------------------------------------------------------------------------------------
+# Zero / mean / resample ablation
+# --------------------------------------------------------------------------------------------------
+
+
+def resample_reference(batch: TokenBatch, *, seed: int = 0) -> TokenBatch:
+    """``batch`` with its prompts shuffled so that no prompt stays in place (a derangement).
+
+    Use it as ``reference=`` of a resample ablation: each prompt's ablated activations then come from
+    another prompt of the same batch at the same position. Prompts should have equal lengths (as
+    corpus chunks do); with left padding a shorter partner supplies padding activations.
+    """
+    n = len(batch)
+    if n < 2:
+        raise ValueError("resample_reference needs at least 2 prompts to pair each prompt with another one.")
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        if not bool((perm == torch.arange(n)).any()):
+            break
+    return batch[perm.to(batch.tokens.device)]
+
+
+def _check_batch(batch: Any, argument: str) -> TokenBatch:
+    if not isinstance(batch, TokenBatch):
+        raise TypeError(f"{argument} must be a TokenBatch from helpers.prompts.tokenize (tokens + attention_mask), got {type(batch).__name__}.")
+    return batch
+
+
+def _select(component: Component, activation: torch.Tensor, directions: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The ablated quantity of ``component`` in ``activation`` (its hook's full tensor)."""
+    if isinstance(component, Head):
+        return activation[:, :, component.head, :]  # [batch, pos, d_head]
+    if isinstance(component, Neuron):
+        return activation[:, :, component.neuron]  # [batch, pos]
+    direction = directions[id(component)].to(activation)
+    return activation @ direction  # [batch, pos]
+
+
+@torch.no_grad()
+def ablation_values(
+    model: Any,
+    components: Sequence[Component],
+    method: AblationMethod,
+    reference: TokenBatch | None = None,
+    *,
+    batch_size: int = 16,
+) -> list[torch.Tensor | None]:
+    """The value each component is set to, one entry per component.
+
+    * ``"zero"``: ``None`` (nothing to compute).
+    * ``"mean"``: the mean over every real token of ``reference`` — ``[d_head]`` for a head, a
+      scalar for a neuron or a direction (the mean projection).
+    * ``"resample"``: the reference's own activations ``[batch, pos, d_head]`` / ``[batch, pos]``.
+
+    ``reference`` is run in chunks of ``batch_size`` prompts, caching only the hooks needed.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    components = [as_component(model, c) for c in components]
+    if method == "zero":
+        return [None] * len(components)
+    if reference is None:
+        raise ValueError(f"method={method!r} needs reference=TokenBatch: the prompts whose activations "
+                         "are averaged ('mean') or swapped in ('resample'). For resampling within a batch "
+                         "use reference=resample_reference(batch).")
+    reference = _check_batch(reference, "reference")
+    directions = {id(c): unit_direction(c.direction, model.cfg.d_model) for c in components if isinstance(c, ResidDirection)}
+    names = sorted({c.hook_name for c in components})
+    sums: list[torch.Tensor | None] = [None] * len(components)
+    chunks: list[list[torch.Tensor]] = [[] for _ in components]
+    count = 0.0
+    for start in range(0, len(reference), batch_size):
+        chunk = reference[start : start + batch_size]
+        _, cache = model.run_with_cache(chunk.tokens, attention_mask=chunk.attention_mask, names_filter=lambda n: n in names)
+        mask = chunk.attention_mask.to(torch.float32)
+        count += float(mask.sum())
+        for i, c in enumerate(components):
+            value = _select(c, cache[c.hook_name], directions).detach()
+            if method == "resample":
+                chunks[i].append(value)
+            else:
+                weighted = (value * (mask[..., None] if value.ndim == 3 else mask)).sum(dim=(0, 1))
+                sums[i] = weighted if sums[i] is None else sums[i] + weighted
+        del cache
+    if method == "resample":
+        return [torch.cat(parts, dim=0) for parts in chunks]
+    return [s / count for s in sums]  # type: ignore[operator]
+
+
+def _replace(component: Component, activation: torch.Tensor, value: torch.Tensor | None,
+             directions: dict[int, torch.Tensor], rows: slice) -> None:
+    """In place: set ``component`` of ``activation[rows]`` to ``value`` (0 when ``None``)."""
+    if isinstance(component, Head):
+        target = activation[rows, :, component.head, :]
+        activation[rows, :, component.head, :] = 0.0 if value is None else value.to(target).expand_as(target)
+    elif isinstance(component, Neuron):
+        target = activation[rows, :, component.neuron]
+        activation[rows, :, component.neuron] = 0.0 if value is None else value.to(target).expand_as(target)
+    else:
+        direction = directions[id(component)].to(activation)
+        part = activation[rows]
+        current = part @ direction  # [batch, pos]
+        new = torch.zeros_like(current) if value is None else value.to(current).expand_as(current)
+        activation[rows] = part + (new - current)[..., None] * direction
+
+
+def _check_resample_shape(component: Component, activation: torch.Tensor, value: torch.Tensor, rows: int) -> None:
+    if value.ndim >= 2 and tuple(value.shape[:2]) != (rows, activation.shape[1]):
+        raise ValueError(
+            f"Resample ablation of {component}: the reference activations are [batch={value.shape[0]}, "
+            f"pos={value.shape[1]}] but the ablated run has [batch={rows}, pos={activation.shape[1]}]. "
+            "The reference batch must have exactly the ablated batch's shape (e.g. "
+            "reference=resample_reference(batch))."
+        )
+
+
+def ablation_hooks(
+    model: Any,
+    components: Component | Sequence[Component],
+    method: AblationMethod = "zero",
+    reference: TokenBatch | None = None,
+    *,
+    batch_size: int = 16,
+) -> list[Hook]:
+    """Forward hooks that ablate all of ``components`` at once, at every position.
+
+    Args:
+        model: the bridge.
+        components: :class:`Head` / :class:`Neuron` / :class:`ResidDirection` objects or
+            ``(layer, head)`` tuples (one component alone is fine too).
+        method: ``"zero"``, ``"mean"`` (mean over the real tokens of ``reference``) or
+            ``"resample"`` (``reference``'s activation at the same batch row and position).
+        reference: the reference prompts (required for ``"mean"`` and ``"resample"``). Its
+            activations are computed once, here, by a clean forward pass.
+        batch_size: chunk size of the reference forward passes.
+
+    Returns:
+        One ``(hook_name, fn)`` per hook point; every other activation (other heads of the same
+        layer, other neurons, the orthogonal complement of a direction) is left exactly as it is.
+    """
+    if isinstance(components, (Head, Neuron, ResidDirection)) or (
+        isinstance(components, tuple) and len(components) == 2 and all(isinstance(i, int) for i in components)
+    ):
+        components = [components]  # type: ignore[list-item]
+    components = [as_component(model, c) for c in components]
+    if not components:
+        raise ValueError("ablation_hooks got no components to ablate.")
+    values = ablation_values(model, components, method, reference, batch_size=batch_size)
+    directions = {id(c): unit_direction(c.direction, model.cfg.d_model) for c in components if isinstance(c, ResidDirection)}
+    by_hook: dict[str, list[tuple[Component, torch.Tensor | None]]] = defaultdict(list)
+    for component, value in zip(components, values):
+        by_hook[component.hook_name].append((component, value))
+
+    def make_hook(entries: list[tuple[Component, torch.Tensor | None]]) -> Callable[..., torch.Tensor]:
+        def hook(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+            activation = activation.clone()
+            for component, value in entries:
+                if method == "resample":
+                    _check_resample_shape(component, activation, value, activation.shape[0])  # type: ignore[arg-type]
+                _replace(component, activation, value, directions, slice(None))
+            return activation
+
+        return hook
+
+    return [(name, make_hook(entries)) for name, entries in by_hook.items()]
+
+
+def zero_ablation_hooks(model: Any, components: Component | Sequence[Component]) -> list[Hook]:
+    """:func:`ablation_hooks` with ``method="zero"``."""
+    return ablation_hooks(model, components, "zero")
+
+
+def mean_ablation_hooks(model: Any, components: Component | Sequence[Component], reference: TokenBatch) -> list[Hook]:
+    """:func:`ablation_hooks` with ``method="mean"`` over the real tokens of ``reference``."""
+    return ablation_hooks(model, components, "mean", reference=reference)
+
+
+def resample_ablation_hooks(model: Any, components: Component | Sequence[Component], reference: TokenBatch) -> list[Hook]:
+    """:func:`ablation_hooks` with ``method="resample"`` (``reference`` has the ablated batch's shape)."""
+    return ablation_hooks(model, components, "resample", reference=reference)
+
+
+def stacked_ablation_hooks(
+    model: Any,
+    components: Sequence[Component],
+    values: Sequence[torch.Tensor | None],
+    n_prompts: int,
+) -> list[Hook]:
+    """Hooks for ONE forward pass that ablates each component in its own copy of the prompts.
+
+    The run's batch must be ``len(components)`` copies of an ``n_prompts``-prompt batch stacked along
+    the batch dimension (``batch.tokens.repeat(len(components), 1)``); copy ``i`` (rows
+    ``i*n_prompts:(i+1)*n_prompts``) has component ``i`` ablated and nothing else. ``values`` come
+    from :func:`ablation_values` (``None`` = zero; resample values must be ``[n_prompts, pos, ...]``).
+    This is how per-head effects are batched instead of one forward pass per head.
+    """
+    components = [as_component(model, c) for c in components]
+    if len(values) != len(components):
+        raise ValueError(f"stacked_ablation_hooks: {len(components)} components but {len(values)} values.")
+    directions = {id(c): unit_direction(c.direction, model.cfg.d_model) for c in components if isinstance(c, ResidDirection)}
+    by_hook: dict[str, list[tuple[int, Component, torch.Tensor | None]]] = defaultdict(list)
+    for copy, (component, value) in enumerate(zip(components, values)):
+        by_hook[component.hook_name].append((copy, component, value))
+    expected_rows = len(components) * n_prompts
+
+    def make_hook(entries: list[tuple[int, Component, torch.Tensor | None]]) -> Callable[..., torch.Tensor]:
+        def hook(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+            if activation.shape[0] != expected_rows:
+                raise ValueError(
+                    f"stacked_ablation_hooks expects a batch of {len(components)} copies × {n_prompts} prompts "
+                    f"= {expected_rows} rows, got {activation.shape[0]}: stack the prompts with "
+                    f"tokens.repeat({len(components)}, 1)."
+                )
+            activation = activation.clone()
+            for copy, component, value in entries:
+                if value is not None and value.ndim >= 2:
+                    _check_resample_shape(component, activation, value, n_prompts)
+                _replace(component, activation, value, directions, slice(copy * n_prompts, (copy + 1) * n_prompts))
+            return activation
+
+        return hook
+
+    return [(name, make_hook(entries)) for name, entries in by_hook.items()]
+
+
+# --------------------------------------------------------------------------------------------------
+# Direction ablation, weight orthogonalisation, activation addition (refusal direction)
+# --------------------------------------------------------------------------------------------------
+
+
+def direction_ablation_hooks(model: Any, direction: Float[torch.Tensor, "d_model"]) -> list[Hook]:
+    """Hooks that remove the unit direction ``r`` from everything written to the residual stream.
+
+    At every layer ``l`` the projection ``x ← x − (x·r) r`` is applied to ``blocks.{l}.hook_resid_pre``
+    (the stream entering the block, which includes the embeddings at layer 0), to
+    ``blocks.{l}.hook_attn_out`` and to ``blocks.{l}.hook_mlp_out``, at every position — Arditi et al.'s
+    "directional ablation". ``direction`` is normalised to unit length first.
+    """
+    r = unit_direction(direction, model.cfg.d_model)
+
+    def project_out(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+        unit = r.to(activation)
+        return activation - (activation @ unit)[..., None] * unit
+
+    hooks: list[Hook] = []
+    for layer in range(model.cfg.n_layers):
+        for site in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out"):
+            hooks.append((f"blocks.{layer}.{site}", project_out))
+    return hooks
+
+
+def activation_addition_hooks(
+    model: Any,
+    direction: Float[torch.Tensor, "d_model"],
+    layer: int,
+    coeff: float = 1.0,
+    *,
+    site: ResidSite = "resid_pre",
+) -> list[Hook]:
+    """Hooks that add ``coeff * direction`` to ``blocks.{layer}.hook_{site}`` at every position.
+
+    ``direction`` is used as given (not normalised): for the refusal direction it is the
+    difference of means, whose norm is the natural scale of the intervention.
+    """
+    if not isinstance(direction, torch.Tensor) or direction.ndim != 1 or direction.shape[0] != model.cfg.d_model:
+        shape = tuple(direction.shape) if isinstance(direction, torch.Tensor) else type(direction).__name__
+        raise ValueError(f"direction must be a 1-D tensor of length d_model={model.cfg.d_model}, got {shape}.")
+    if not 0 <= layer < model.cfg.n_layers:
+        raise ValueError(f"layer {layer} is out of range; the model has {model.cfg.n_layers} layers.")
+    if site not in RESID_SITES:
+        raise ValueError(f"site must be one of {RESID_SITES}, got {site!r}.")
+    vector = direction.detach() * float(coeff)
+
+    def add(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+        return activation + vector.to(activation)
+
+    return [(f"blocks.{layer}.hook_{site}", add)]
+
+
+def _residual_writers(model: Any) -> list[tuple[str, torch.nn.Module]]:
+    """Every module whose output is added to the residual stream: embeddings, attention out
+    projections, MLP out projections (the HF modules the bridge runs)."""
+    writers = [("embed", model.embed.original_component)]
+    if hasattr(model, "pos_embed"):
+        writers.append(("pos_embed", model.pos_embed.original_component))
+    for layer, block in enumerate(model.blocks):
+        writers.append((f"blocks.{layer}.attn.o", block.attn.o.original_component))
+        writers.append((f"blocks.{layer}.mlp.out", block.mlp.out.original_component))
+    return writers
+
+
+def _output_axis(name: str, module: torch.nn.Module, d_model: int) -> int:
+    """The axis of ``module.weight`` that indexes the residual stream (d_model)."""
+    kind = type(module).__name__
+    if isinstance(module, torch.nn.Linear):
+        axis = 0  # weight [out, in]
+    elif isinstance(module, torch.nn.Embedding) or kind == "Conv1D":
+        axis = 1  # Embedding [vocab, d_model]; HF Conv1D weight [in, out]
+    else:
+        raise NotImplementedError(
+            f"orthogonalize_weights does not know how {name} ({kind}) writes to the residual stream; "
+            "use direction_ablation_hooks instead (it works for every architecture)."
+        )
+    if module.weight.shape[axis] != d_model:
+        raise NotImplementedError(f"{name}: expected d_model={d_model} along axis {axis} of its weight {tuple(module.weight.shape)}.")
+    return axis
+
+
+class OrthogonalizedWeights(contextlib.AbstractContextManager):
+    """The handle :func:`orthogonalize_weights` returns: the edit is live until :meth:`restore`
+    (called automatically at the end of a ``with`` block)."""
+
+    def __init__(self, model: Any, direction: torch.Tensor):
+        self.model = model
+        self.direction = direction
+        self._saved: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+        self._untied: tuple[torch.nn.Module, torch.nn.Parameter] | None = None
+        self.active = False
+
+    def _apply(self) -> None:
+        model, r = self.model, self.direction
+        unembed = model.unembed.original_component
+        embed = model.embed.original_component
+        if unembed.weight.data_ptr() == embed.weight.data_ptr():
+            # Tied embeddings: give the unembedding its own copy so only the embedding is edited.
+            self._untied = (unembed, unembed.weight)
+            unembed.weight = torch.nn.Parameter(unembed.weight.detach().clone(), requires_grad=False)
+        with torch.no_grad():
+            for name, module in _residual_writers(model):
+                axis = _output_axis(name, module, model.cfg.d_model)
+                for attr in ("weight", "bias"):
+                    param = getattr(module, attr, None)
+                    if param is None:
+                        continue
+                    self._saved.append((module, attr, param))
+                    unit = r.to(param)
+                    data = param.detach()
+                    if attr == "bias":
+                        new = data - (data @ unit) * unit
+                    elif axis == 0:  # rows index d_model: W ← (I − r rᵀ) W
+                        new = data - unit[:, None] * (unit @ data)[None, :]
+                    else:  # columns index d_model: W ← W (I − r rᵀ)
+                        new = data - (data @ unit)[:, None] * unit[None, :]
+                    setattr(module, attr, torch.nn.Parameter(new, requires_grad=False))
+        self.active = True
+
+    def restore(self) -> None:
+        """Put the original parameters (and the tied unembedding) back."""
+        if not self.active:
+            return
+        for module, attr, param in reversed(self._saved):
+            setattr(module, attr, param)
+        if self._untied is not None:
+            module, param = self._untied
+            module.weight = param
+        self._saved, self._untied, self.active = [], None, False
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()
+
+
+def orthogonalize_weights(model: Any, direction: Float[torch.Tensor, "d_model"]) -> OrthogonalizedWeights:
+    """Edit ``model`` in place so that nothing can write along the unit direction ``r``.
+
+    Every matrix that writes to the residual stream — the token embedding (and learned position
+    embedding), every attention output projection ``W_O`` and bias ``b_O``, every MLP output
+    projection ``W_out`` and bias ``b_out`` — becomes ``(I − r rᵀ) W``. Because the residual stream
+    is the sum of these writes, it then has no component along ``r``: the same model as
+    :func:`direction_ablation_hooks`, without hooks (so it also works in ``generate``, exports, …).
+    Norms (LayerNorm or RMSNorm) see the same inputs either way, so nothing else changes. Tied
+    embeddings (the embedded model) are untied first: the unembedding is not edited.
+
+    Returns an :class:`OrthogonalizedWeights` handle; the edit is live at once and undone by
+    ``handle.restore()`` or at the end of ``with orthogonalize_weights(model, r): ...``.
+    The original parameter objects are kept, so restoring is exact.
+    """
+    r = unit_direction(direction, model.cfg.d_model)
+    handle = OrthogonalizedWeights(model, r)
+    try:
+        handle._apply()
+    except Exception:
+        handle.active = True
+        handle.restore()
+        raise
+    return handle

@@ -1,0 +1,280 @@
+"""Self-repair (Rushing & Nanda 2024, "Explorations of Self-Repair in Language Models").
+
+The measurements (direct effect, total effect, the exact split of self-repair into later heads,
+later MLPs and the final norm scale, and the freeze-one-at-a-time runs) live in
+:mod:`helpers.effects`; this module turns them into the paper's statistics:
+
+* :func:`top_token_mask` — for every head, its top ``fraction`` (2 %) of tokens by direct effect:
+  the tokens where the head matters, on which all per-head statistics are taken.
+* :func:`head_summary` — one row per head: mean direct effect, total effect, self-repair and its
+  split on those tokens, the final-norm share of the direct effect, how often ablation
+  over-corrects.
+* :func:`token_effects` — the per-token numbers of one head (self-repair is noisy).
+* :func:`neuron_repair` — anti-erasure: the change of every later MLP neuron's direct effect when a
+  head is ablated, on that head's top tokens, and :func:`cumulative_share` (how few neurons explain
+  it).
+* :func:`load_self_repair_tokens` — the text: the offline corpus, or the Pile in the paper profile.
+
+Sign conventions are those of :mod:`helpers.effects`: direct effect DE and total effect TE are
+positive when the head helps the correct next token; ``self_repair = DE − TE``; the paper's
+"logit change when ablated" is ``−TE``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float
+
+from helpers.ablation import AblationMethod, Head, ablation_values, resample_reference, stacked_ablation_hooks
+from helpers.effects import AblationEffects, _run_to_final, _StopForward, logit_readout, next_token_targets
+from helpers.prompts import TokenBatch
+
+PAPER = {
+    # From the released GPT-2 small arrays of Rushing & Nanda (see shared/notes/references.md §5).
+    "gpt2_head": "L9H9",
+    "gpt2_head_direct_effect": 1.70,
+    "gpt2_head_logit_change": -0.23,
+    "gpt2_head_self_repair": 1.47,
+    "mean_clipped_ln_share_gpt2": 0.32,
+    "mean_clipped_ln_share_pythia160m": 0.34,
+    "top_fraction": 0.02,
+    "seq_len": 128,
+}
+
+
+def load_self_repair_tokens(model: Any, n_prompts: int, seq_len: int, *, source: str = "wikipedia", seed: int = 0) -> TokenBatch:
+    """``n_prompts`` windows of ``seq_len`` tokens of natural text (BOS first, no padding).
+
+    ``source="pile"`` streams ``NeelNanda/pile-10k`` (the paper's data; needs the network, and fails
+    at once with :class:`helpers.corpus.CorpusNotAvailableError` offline); ``"wikipedia"`` is the
+    offline corpus of the embedded/ci profiles. See :mod:`helpers.corpus`.
+    """
+    from helpers.corpus import load_corpus_tokens
+
+    return load_corpus_tokens(model, n_prompts, seq_len, seed=seed, source=source)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-head statistics on the top tokens by direct effect
+# --------------------------------------------------------------------------------------------------
+
+
+def top_token_mask(
+    direct: Float[torch.Tensor, "component batch pos"],
+    valid: Bool[torch.Tensor, "batch pos"],
+    fraction: float = 0.02,
+) -> Bool[torch.Tensor, "component batch pos"]:
+    """For every component, True on its top ``fraction`` of valid tokens by direct effect
+    (at least one token each). The paper uses the top 2 %."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
+    if direct.shape[1:] != valid.shape:
+        raise ValueError(f"direct is {tuple(direct.shape)} but valid is {tuple(valid.shape)}: expected [component, batch, pos] and [batch, pos].")
+    n_valid = int(valid.sum())
+    if n_valid == 0:
+        raise ValueError("No valid token positions (every position is padding or last).")
+    k = max(1, round(fraction * n_valid))
+    flat = direct.masked_fill(~valid, float("-inf")).flatten(1)
+    top = flat.topk(k, dim=1).indices
+    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True)
+    return mask.reshape(direct.shape)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.to(values.dtype)
+    return (values * weights).flatten(1).sum(1) / weights.flatten(1).sum(1).clamp(min=1)
+
+
+def head_summary(effects: AblationEffects, fraction: float = 0.02, mask: torch.Tensor | None = None) -> pd.DataFrame:
+    """One row per ablated component, statistics over its top ``fraction`` tokens by direct effect.
+
+    Columns: ``component``, ``layer``, ``head``, ``n_tokens``, ``direct``, ``total``,
+    ``logit_change`` (= −total, the paper's "ablated change"), ``self_repair``, ``later_heads``,
+    ``later_mlps``, ``final_norm`` (the exact split of self-repair), ``self_repair_frac``
+    (self_repair / direct), ``ln_share`` (final_norm / direct) and ``ln_share_clipped`` (clipped to
+    [0, 1]), ``overcorrect_frac`` (share of the top tokens where the logit *rose* on ablation,
+    TE < 0), ``self_repair_std`` (spread over the top tokens) and, when the freeze runs were done,
+    ``freeze_later_heads`` / ``freeze_later_mlps`` / ``freeze_final_norm`` (TE(frozen) − TE).
+    """
+    if mask is None:
+        mask = top_token_mask(effects.direct, effects.valid, fraction)
+    mean = lambda t: _masked_mean(t, mask)  # noqa: E731
+    direct, total = mean(effects.direct), mean(effects.total)
+    self_repair = direct - total
+    sr_tokens = effects.self_repair
+    count = mask.flatten(1).sum(1).clamp(min=1).float()
+    sr_mean = self_repair[:, None, None]
+    sr_std = (((sr_tokens - sr_mean) ** 2 * mask).flatten(1).sum(1) / count).sqrt()
+    final_norm = mean(effects.final_norm)
+    frame = pd.DataFrame({
+        "component": [str(c) for c in effects.components],
+        "layer": [c.layer for c in effects.components],
+        "head": [getattr(c, "head", -1) for c in effects.components],
+        "n_tokens": mask.flatten(1).sum(1).tolist(),
+        "direct": direct.tolist(),
+        "total": total.tolist(),
+        "logit_change": (-total).tolist(),
+        "self_repair": self_repair.tolist(),
+        "later_heads": mean(effects.later_heads).tolist(),
+        "later_mlps": mean(effects.later_mlps).tolist(),
+        "final_norm": final_norm.tolist(),
+        "self_repair_frac": (self_repair / direct).tolist(),
+        "ln_share": (final_norm / direct).tolist(),
+        "ln_share_clipped": (final_norm / direct).clamp(0, 1).tolist(),
+        "overcorrect_frac": mean((effects.total < 0).float()).tolist(),
+        "self_repair_std": sr_std.tolist(),
+    })
+    for target in effects.frozen_total:
+        frame[f"freeze_{target}"] = mean(effects.freeze_repair(target)).tolist()  # type: ignore[arg-type]
+    return frame
+
+
+def token_effects(effects: AblationEffects, component: Any, mask: torch.Tensor | None = None, fraction: float = 0.02) -> pd.DataFrame:
+    """Per-token direct effect, total effect, self-repair and its split for one component, on its
+    top tokens (or on ``mask[i]``): the noise behind the per-head means."""
+    i = effects.index(component)
+    if mask is None:
+        mask = top_token_mask(effects.direct, effects.valid, fraction)
+    where = mask[i]
+    batch_idx, pos_idx = where.nonzero(as_tuple=True)
+    return pd.DataFrame({
+        "prompt": batch_idx.tolist(),
+        "pos": pos_idx.tolist(),
+        "direct": effects.direct[i][where].tolist(),
+        "total": effects.total[i][where].tolist(),
+        "self_repair": effects.self_repair[i][where].tolist(),
+        "later_heads": effects.later_heads[i][where].tolist(),
+        "later_mlps": effects.later_mlps[i][where].tolist(),
+        "final_norm": effects.final_norm[i][where].tolist(),
+    })
+
+
+# --------------------------------------------------------------------------------------------------
+# Anti-erasure: which later neurons change
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def neuron_repair(
+    model: Any,
+    batch: TokenBatch,
+    head: Head | tuple[int, int],
+    token_mask: Bool[torch.Tensor, "batch pos"],
+    *,
+    method: AblationMethod = "resample",
+    reference: TokenBatch | None = None,
+    seed: int = 0,
+) -> Float[torch.Tensor, "layer d_mlp"]:
+    """Anti-erasure: how much each later MLP neuron's direct effect on the correct token changes
+    when ``head`` is ablated, averaged over the tokens in ``token_mask`` (the head's top tokens).
+
+    Entry ``[l, n]`` is the mean over those tokens of
+    ``(post'_{l,n} − post_{l,n}) · (W_out[l, n] · ũ) / s_clean`` (ablated minus clean, through the
+    clean final-norm scale) for layers ``l ≥ head.layer``, 0 for earlier layers. Summed over
+    neurons of layer ``l`` it is that layer's share of ``later_mlps`` in
+    :class:`helpers.effects.AblationEffects` (MLP output biases do not change). Positive =
+    the neuron now pushes the correct token more than it did (it stops erasing it).
+    """
+    head = Head(*head) if isinstance(head, tuple) else head
+    if token_mask.shape != batch.tokens.shape:
+        raise ValueError(f"token_mask must be [batch, pos] = {tuple(batch.tokens.shape)}, got {tuple(token_mask.shape)}.")
+    if reference is None and method == "resample":
+        reference = resample_reference(batch, seed=seed)
+    targets, _ = next_token_targets(batch)
+    readout = logit_readout(model, targets)
+    layers = list(range(head.layer, model.cfg.n_layers))
+    where = token_mask.to(batch.tokens.device)
+    start_name = f"blocks.{head.layer}.hook_resid_pre"
+    clean: dict[str, torch.Tensor] = {}
+    ablated: dict[str, torch.Tensor] = {}
+
+    def grab(store: dict, name: str):
+        def hook(activation: torch.Tensor, hook: Any) -> None:
+            store[name] = activation if name == start_name else activation[where].float()  # [tokens, d_mlp]
+
+        return (name, hook)
+
+    def stop(store: dict):
+        def hook(activation: torch.Tensor, hook: Any) -> None:
+            store["scale"] = readout.scale(activation.float())[where]
+            raise _StopForward
+
+        return ("ln_final.hook_in", hook)
+
+    post_names = [f"blocks.{l}.mlp.hook_post" for l in layers]
+    # Clean pass (stopped before the unembedding), then the ablated pass from the head's layer on.
+    _run_to_final(model, batch.tokens, batch.attention_mask,
+                  [grab(clean, n) for n in post_names + [start_name]] + [stop(clean)])
+    values = ablation_values(model, [head], method, reference)
+    ablate = stacked_ablation_hooks(model, [head], values, len(batch))
+    inputs = clean[start_name] if head.layer else batch.tokens
+    _run_to_final(model, inputs, batch.attention_mask, ablate + [grab(ablated, n) for n in post_names] + [stop(ablated)],
+                  head.layer)
+    scale = clean["scale"]  # the clean run's final-norm scale on the selected tokens
+    directions = readout.directions[where]  # [tokens, d_model]
+    result = torch.zeros(model.cfg.n_layers, model.cfg.d_mlp)
+    W_out = model.W_out.detach().float()
+    for layer, name in zip(layers, post_names):
+        w = directions @ W_out[layer].T  # [tokens, d_mlp]
+        delta = (ablated[name] - clean[name]) * w / scale[:, None]
+        result[layer] = delta.mean(0).cpu()
+    return result
+
+
+def cumulative_share(contributions: Float[torch.Tensor, "n"], k_values: Sequence[int]) -> dict[int, float]:
+    """Share of the positive total of ``contributions`` carried by the ``k`` largest entries, for
+    each ``k`` (how sparse the anti-erasure is)."""
+    values = contributions.flatten().sort(descending=True).values
+    positive_total = float(values.clamp(min=0).sum())
+    if positive_total <= 0:
+        return {k: float("nan") for k in k_values}
+    return {k: float(values[:k].clamp(min=0).sum()) / positive_total for k in k_values}
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------------
+
+
+def decomposition_figure(summary: pd.DataFrame, *, title: str) -> Any:
+    """Stacked bars per head: self-repair split into later heads, later MLPs and the final norm,
+    with the direct effect and the total effect as markers (one row of ``summary`` per head)."""
+    import plotly.graph_objects as go
+
+    names = summary["component"].tolist()
+    fig = go.Figure()
+    for column, label, colour in (("later_heads", "later attention heads", "#636efa"),
+                                  ("later_mlps", "later MLP layers", "#00cc96"),
+                                  ("final_norm", "final norm scale", "#ef553b")):
+        fig.add_trace(go.Bar(x=names, y=summary[column], name=label, marker_color=colour))
+    fig.add_trace(go.Scatter(x=names, y=summary["direct"], mode="markers", name="direct effect",
+                             marker=dict(symbol="diamond", size=10, color="black")))
+    fig.add_trace(go.Scatter(x=names, y=summary["total"], mode="markers", name="total effect",
+                             marker=dict(symbol="x", size=10, color="grey")))
+    fig.update_layout(barmode="relative", title=title, xaxis_title="head", yaxis_title="logit (mean over top tokens)",
+                      template="plotly_white")
+    return fig
+
+
+def token_noise_figure(effects: AblationEffects, components: Sequence[Any], *, fraction: float = 0.02, title: str) -> Any:
+    """Per-token direct vs. total effect of a few heads on their top tokens, with y = x (no
+    self-repair) and y = 0 (perfect self-repair): how noisy self-repair is per prompt."""
+    import plotly.graph_objects as go
+
+    mask = top_token_mask(effects.direct, effects.valid, fraction)
+    fig = go.Figure()
+    lo, hi = 0.0, 0.0
+    for component in components:
+        frame = token_effects(effects, component, mask)
+        fig.add_trace(go.Scatter(x=frame["direct"], y=frame["total"], mode="markers", name=str(effects.components[effects.index(component)]),
+                                 marker=dict(size=6, opacity=0.7)))
+        lo = min(lo, float(frame[["direct", "total"]].min().min()))
+        hi = max(hi, float(frame[["direct", "total"]].max().max()))
+    fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(dash="dash", color="grey"), name="y = x (no self-repair)"))
+    fig.add_hline(y=0, line_dash="dot", line_color="grey")
+    fig.update_layout(title=title, xaxis_title="direct effect (clean final-norm scale)",
+                      yaxis_title="total effect (clean − ablated logit)", template="plotly_white")
+    return fig
