@@ -1,0 +1,307 @@
+"""Tests of helpers.entropy_neurons on the tiny models (RMSNorm/gated-MLP and LayerNorm/GPT-2 layouts).
+
+The tiny models are random, so their outputs are nearly uniform and ablation effects are tiny. Each
+test model therefore gets a large random final-norm weight (peaky outputs, and a γ that must be folded
+correctly), and some tests plant neurons with known geometry.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import entropy_neurons as en
+from helpers.corpus import load_corpus_tokens
+from helpers.models import load_model
+from helpers.prompts import TokenBatch
+
+PLANTED_ENTROPY = 7
+PLANTED_FREQUENCY = 11
+
+
+def _set_output_row(model, neuron: int, vector: torch.Tensor) -> None:
+    module = model.blocks[-1].mlp.out.original_component
+    with torch.no_grad():
+        if isinstance(module, torch.nn.Linear):  # weight [d_model, d_mlp]
+            module.weight[:, neuron] = vector
+        else:  # GPT-2 Conv1D weight [d_mlp, d_model]
+            module.weight[neuron, :] = vector
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2"])
+def model(request):
+    model = load_model(request.param, device="cpu", seed=0)
+    norm = model.ln_final.original_component
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        norm.weight.copy_(25.0 * (1.0 + 0.5 * torch.randn(norm.weight.shape, generator=generator)))
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.copy_(0.1 * torch.randn(norm.bias.shape, generator=generator))
+    # plant an entropy neuron: a large output weight along the least-read direction of W_eff
+    spectrum = en.unembedding_spectrum(model)
+    bottom = spectrum.directions[:, -1]
+    if en.final_readout(model).kind == "ln":
+        # LayerNorm: the bottom direction is the all-ones vector (the norm removes it); use the next one
+        ones = torch.ones(model.cfg.d_model) / model.cfg.d_model**0.5
+        assert float((bottom @ ones).abs()) > 0.999 and float(spectrum.singular_values[-1]) < 1e-3
+        bottom = spectrum.directions[:, -2]
+        assert abs(float(bottom.mean())) < 1e-5
+    _set_output_row(model, PLANTED_ENTROPY, 3.0 * bottom / bottom.norm() * model.W_out[-1].norm(dim=-1).max())
+    return model
+
+
+@pytest.fixture(scope="module")
+def batch(model) -> TokenBatch:
+    return load_corpus_tokens(model, 3, 20, seed=0)
+
+
+def test_readout_reproduces_the_logits(model, batch):
+    logits, cache = model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask,
+                                         names_filter=lambda n: n in (f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", "ln_final.hook_scale"))
+    readout = en.final_readout(model)
+    resid = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    assert torch.allclose(readout.logits(resid), logits, atol=1e-3, rtol=1e-4)
+    assert torch.allclose(readout.scale(resid), cache["ln_final.hook_scale"][..., 0], rtol=1e-5)
+    assert not torch.allclose(readout.weight, torch.ones_like(readout.weight))  # γ really is folded
+
+
+def test_effective_unembedding_and_spectrum(model):
+    readout = en.final_readout(model)
+    W_eff = en.effective_unembedding(model, readout)
+    assert torch.allclose(W_eff.mean(-1), torch.zeros(model.cfg.d_model), atol=1e-4)
+    expected = readout.weight[:, None] * readout.W_U
+    if readout.kind == "ln":
+        expected = expected - expected.mean(0, keepdim=True)
+        assert torch.allclose(W_eff.mean(0), torch.zeros(W_eff.shape[1]), atol=1e-5)
+    assert torch.allclose(W_eff, expected - expected.mean(-1, keepdim=True), atol=1e-6)
+    spectrum = en.unembedding_spectrum(model, readout)
+    assert torch.allclose(spectrum.singular_values, torch.linalg.svdvals(W_eff), rtol=1e-3, atol=1e-3)
+    assert bool((spectrum.singular_values[:-1] >= spectrum.singular_values[1:]).all())
+    assert torch.allclose(spectrum.directions.T @ spectrum.directions, torch.eye(model.cfg.d_model), atol=1e-4)
+    null = spectrum.null_space(3)
+    assert null.shape == (model.cfg.d_model, 3)
+    # the bottom direction is read least: smallest logit norm of all singular directions
+    read = (spectrum.directions.T @ W_eff).norm(dim=-1)
+    assert int(read.argmin()) == model.cfg.d_model - 1
+    with pytest.raises(ValueError, match="null-space dimension"):
+        spectrum.null_space(0)
+
+
+def test_geometry_finds_the_planted_entropy_neuron(model):
+    geometry = en.final_layer_neuron_geometry(model, null_space_dim=2)
+    assert geometry.norm.shape == geometry.logit_var.shape == geometry.null_fraction.shape == (model.cfg.d_mlp,)
+    assert float(geometry.null_fraction[PLANTED_ENTROPY]) > 0.99
+    assert en.entropy_neuron_candidates(geometry, 3)[0] == PLANTED_ENTROPY
+    # writing into the null space makes the logit effect nearly flat: lowest LogitVar of all
+    assert int(geometry.logit_var.argmin()) == PLANTED_ENTROPY
+    frame = geometry.to_frame()
+    assert frame.loc[PLANTED_ENTROPY, "null_norm_rank"] == 1
+    assert frame.loc[PLANTED_ENTROPY, "name"] == f"{model.cfg.n_layers - 1}.{PLANTED_ENTROPY}"
+    # a random unit vector has rho ≈ sqrt(k / d_model); the median neuron is near that
+    assert float(geometry.null_fraction.median()) < 0.5
+
+
+def test_random_neurons_are_seeded_and_exclude():
+    drawn = en.random_neurons(100, 5, seed=3, exclude=[1, 2, 3])
+    assert drawn == en.random_neurons(100, 5, seed=3, exclude=[1, 2, 3])
+    assert len(set(drawn)) == 5 and not set(drawn) & {1, 2, 3}
+    assert drawn != en.random_neurons(100, 5, seed=4, exclude=[1, 2, 3])
+    with pytest.raises(ValueError, match="cannot draw"):
+        en.random_neurons(4, 3, seed=0, exclude=[0, 1])
+
+
+def _naive_effects(model, batch, neuron: int, value: float, clean: en.CleanRun):
+    """Full forward passes with hand-written hooks: the neuron set to value; norm scale free / frozen."""
+    layer = model.cfg.n_layers - 1
+
+    def set_neuron(activation, hook):
+        activation = activation.clone()
+        activation[..., neuron] = value
+        return activation
+
+    _, cache = model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask, names_filter=lambda n: n == "ln_final.hook_scale")
+    scale = cache["ln_final.hook_scale"].clone()
+    hooks = [(f"blocks.{layer}.mlp.hook_post", set_neuron)]
+    total = model.run_with_hooks(batch.tokens, attention_mask=batch.attention_mask, fwd_hooks=hooks)
+    direct = model.run_with_hooks(batch.tokens, attention_mask=batch.attention_mask, fwd_hooks=hooks + [("ln_final.hook_scale", lambda a, hook: scale)])
+    out = {}
+    for label, logits in (("total", total), ("direct", direct)):
+        logprobs = logits.log_softmax(-1)
+        entropy = -(logprobs.exp() * logprobs).sum(-1)
+        targets = torch.cat([batch.tokens[:, 1:], batch.tokens[:, :1]], dim=1)
+        loss = -logprobs.gather(-1, targets[..., None])[..., 0]
+        out[f"entropy_{label}"] = (entropy - clean.entropy)[clean.valid]
+        out[f"loss_{label}"] = (loss - clean.loss)[clean.valid]
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:A forward hook edited hook_scale")
+def test_cache_based_effects_match_full_forward_passes(model, batch):
+    neurons = [PLANTED_ENTROPY, 3, 40]
+    clean = en.run_clean(model, batch, neurons)
+    values = [float(clean.neuron_means[n]) + 4.0 for n in neurons]  # far from the clean activations: big effects
+    effects = en.mean_ablation_effects(model, clean, neurons, values=values, token_chunk=7)
+    for i, (neuron, value) in enumerate(zip(neurons, values)):
+        naive = _naive_effects(model, batch, neuron, value, clean)
+        for key in ("entropy_total", "entropy_direct", "loss_total", "loss_direct"):
+            ours = getattr(effects, key)[i]
+            assert float(naive[key].abs().max()) > 1e-3, f"{key} of neuron {neuron} too small to test anything"
+            torch.testing.assert_close(ours, naive[key], atol=2e-4, rtol=1e-3)
+
+
+def test_planted_entropy_neuron_acts_through_the_norm(model, batch):
+    neurons = [PLANTED_ENTROPY, *en.random_neurons(model.cfg.d_mlp, 5, seed=0, exclude=[PLANTED_ENTROPY])]
+    clean = en.run_clean(model, batch, neurons)
+    values = [float(clean.neuron_means[n]) + 4.0 for n in neurons]
+    summary = en.mean_ablation_effects(model, clean, neurons, values=values).summary({"planted": [PLANTED_ENTROPY]})
+    shares = summary.set_index("neuron")["entropy_norm_share"]
+    assert shares[PLANTED_ENTROPY] > 0.8
+    assert shares[PLANTED_ENTROPY] > shares.drop(PLANTED_ENTROPY).max()
+    assert summary.loc[summary.neuron == PLANTED_ENTROPY, "group"].item() == "planted"
+
+
+def test_toolkit_forward_pass_agrees(model, batch):
+    neurons = [PLANTED_ENTROPY, 3]
+    clean = en.run_clean(model, batch, neurons)
+    values = [float(clean.neuron_means[n]) + 4.0 for n in neurons]
+    table = en.cache_vs_forward_discrepancy(model, batch, neurons, values)
+    assert (table["max |total effect|"] > 1e-3).all()
+    assert (table["max |total: cache − forward|"] < 2e-4).all()
+    assert (table["max |direct: cache − forward|"] < 2e-4).all()
+
+
+def test_norm_mediated_share_bounds():
+    total = torch.tensor([[1.0, -1.0], [1.0, 1.0], [0.0, 0.0]])
+    direct = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    share = en.norm_mediated_share(total, direct)
+    assert share.tolist() == pytest.approx([1.0, 0.0, 0.0])
+
+
+def test_max_tokens_limits_the_tokens(model, batch):
+    clean = en.run_clean(model, batch, [3])
+    full = en.mean_ablation_effects(model, clean, [3])
+    part = en.mean_ablation_effects(model, clean, [3], max_tokens=10)
+    assert part.entropy_total.shape == (1, 10)
+    torch.testing.assert_close(part.entropy_total, full.entropy_total[:, :10])
+    with pytest.raises(ValueError, match="max_tokens"):
+        en.mean_ablation_effects(model, clean, [3], max_tokens=0)
+
+
+def test_clean_run_contents_and_errors(model, batch):
+    clean = en.run_clean(model, batch, [3, 5])
+    n, p = batch.tokens.shape
+    assert clean.resid.shape == (n, p, model.cfg.d_model) and clean.activations.shape == (n, p, 2)
+    assert not bool(clean.valid[:, -1].any()) and not bool(clean.valid[:, 0].any())  # last position, BOS
+    assert clean.neuron_means.shape == (model.cfg.d_mlp,)
+    layer = model.cfg.n_layers - 1
+    _, cache = model.run_with_cache(batch.tokens, names_filter=lambda name: name == f"blocks.{layer}.mlp.hook_post")
+    post = cache[f"blocks.{layer}.mlp.hook_post"][:, 1:]  # the mean skips BOS
+    torch.testing.assert_close(clean.neuron_means, post.reshape(-1, model.cfg.d_mlp).mean(0), atol=1e-5, rtol=1e-4)
+    with pytest.raises(KeyError, match="not tracked"):
+        clean.activation(9)
+    padded = TokenBatch(batch.tokens, batch.attention_mask.clone())
+    padded.attention_mask[0, 0] = 0
+    with pytest.raises(ValueError, match="unpadded"):
+        en.run_clean(model, padded, [3])
+    with pytest.raises(ValueError, match="neurons must be"):
+        en.run_clean(model, batch, [model.cfg.d_mlp])
+
+
+def test_unigram_distribution():
+    tokens = torch.tensor([[0, 1, 1, 2], [2, 2, 5, 0]])
+    probs = en.unigram_distribution(tokens, 6, pseudocount=1.0, ignore=[0])
+    counts = torch.tensor([0, 2, 3, 0, 0, 1], dtype=torch.float) + 1
+    torch.testing.assert_close(probs, counts / counts.sum())
+    with pytest.raises(ValueError, match="pseudocount"):
+        en.unigram_distribution(tokens, 6, pseudocount=0)
+    with pytest.raises(ValueError, match="token ids"):
+        en.unigram_distribution(tokens, 4)
+
+
+def test_frequency_scores_find_a_planted_frequency_neuron(model):
+    generator = torch.Generator().manual_seed(5)
+    log_unigram = torch.log_softmax(3 * torch.randn(model.cfg.d_vocab, generator=generator), -1)
+    readout = en.final_readout(model)
+    direction = en.unigram_direction(model, log_unigram, readout=readout)
+    assert direction.shape == (model.cfg.d_model,) and float(direction.norm()) == pytest.approx(1.0, abs=1e-5)
+    # a neuron writing γ⁻¹ ⊙ v moves the normalised stream along v: its logits follow the unigram fit
+    row = direction / readout.weight
+    _set_output_row(model, PLANTED_FREQUENCY, row - row.mean() if readout.kind == "ln" else row)
+    try:
+        scores = en.frequency_scores(model, log_unigram, readout=readout)
+        assert int(scores.abs().argmax()) == PLANTED_FREQUENCY and float(scores[PLANTED_FREQUENCY]) > 0
+        assert en.token_frequency_candidates(scores, 2)[0] == PLANTED_FREQUENCY
+        assert PLANTED_FREQUENCY not in en.token_frequency_candidates(scores, 2, exclude=[PLANTED_FREQUENCY])
+    finally:
+        _set_output_row(model, PLANTED_FREQUENCY, torch.zeros(model.cfg.d_model))
+
+
+def test_kl_to_unigram_effects_match_definition(model, batch):
+    log_unigram = torch.log_softmax(torch.randn(model.cfg.d_vocab, generator=torch.Generator().manual_seed(2)), -1)
+    clean = en.run_clean(model, batch, [3], log_unigram=log_unigram)
+    logits = model(batch.tokens, attention_mask=batch.attention_mask)
+    logprobs = logits.log_softmax(-1)
+    kl = (log_unigram.exp() * (log_unigram - logprobs)).sum(-1)
+    torch.testing.assert_close(clean.kl_unigram, kl, atol=1e-4, rtol=1e-4)
+    effects = en.mean_ablation_effects(model, clean, [3], values=[float(clean.neuron_means[3]) + 4.0])
+    assert effects.kl_total is not None and float(effects.kl_total.abs().max()) > 0
+
+
+def test_repeated_random_tokens(model):
+    batch = en.repeated_random_tokens(model, 4, 10, seed=0)
+    assert batch.tokens.shape == (4, 21)
+    assert bool((batch.tokens[:, 0] == model.tokenizer.bos_token_id).all())
+    assert torch.equal(batch.tokens[:, 1:11], batch.tokens[:, 11:])
+    special = set(model.tokenizer.all_special_ids)
+    assert not special & set(batch.tokens[:, 1:].flatten().tolist())
+    assert torch.equal(batch.tokens, en.repeated_random_tokens(model, 4, 10, seed=0).tokens)
+    assert not torch.equal(batch.tokens, en.repeated_random_tokens(model, 4, 10, seed=1).tokens)
+    restricted = en.repeated_random_tokens(model, 2, 5, seed=0, vocabulary=[100, 101, 102, 103, 104, 105])
+    assert set(restricted.tokens[:, 1:].flatten().tolist()) <= {100, 101, 102, 103, 104, 105}
+    with pytest.raises(ValueError):
+        en.repeated_random_tokens(model, 0, 10)
+
+
+def test_induction_tables(model):
+    half = 8
+    batch = en.repeated_random_tokens(model, 3, half, seed=0)
+    clean = en.run_clean(model, batch, [PLANTED_ENTROPY, 3])
+    frame = en.per_position_effects(model, clean, PLANTED_ENTROPY, float(clean.neuron_means[PLANTED_ENTROPY]) + 4.0)
+    assert list(frame.position) == list(range(2 * half))
+    summary = en.induction_summary(frame, half)
+    assert {"first half", "repeated half"} <= set(summary.columns) and "entropy" in summary.index
+    assert summary.loc["entropy", "first half"] == pytest.approx(frame.entropy[1:half].mean())
+    best, table = en.pick_induction_neuron(model, clean, [PLANTED_ENTROPY, 3], [0.0, 0.0], half)
+    assert best in (PLANTED_ENTROPY, 3) and len(table) == 2
+    assert table.set_index("neuron").loc[best, "relative entropy change, repeated half"] == table["relative entropy change, repeated half"].min()
+
+
+def test_figures_build(model):
+    geometry = en.final_layer_neuron_geometry(model, null_space_dim=2)
+    spectrum = en.unembedding_spectrum(model)
+    assert len(en.spectrum_figure(spectrum, 2).data) == 2
+    assert len(en.geometry_figure(geometry, {"candidates": [PLANTED_ENTROPY], "random": [1, 2]}).data) == 3
+
+
+def test_neuron_names():
+    assert en.neuron_name(11, 584) == "11.584"
+    assert en.parse_neuron_name("11.584") == (11, 584)
+    with pytest.raises(ValueError, match="layer.neuron"):
+        en.parse_neuron_name("L11N584")
+    assert en.rank_of(5, [9, 5, 1]) == 2 and en.rank_of(4, [9, 5]) is None
+    assert en.default_null_space_dim(768) == 12
+
+
+def test_final_norm_facts_detects_a_uniform_logit_shift():
+    generator = torch.Generator().manual_seed(0)
+    d_model, d_vocab = 8, 50
+    W_U = 0.01 * torch.randn(d_model, d_vocab, generator=generator)
+    W_U[0] += 5.0  # direction 0 shifts every logit by the same amount
+    readout = en.FinalReadout("rms", 1e-5, torch.linspace(-1.0, 2.0, d_model), torch.zeros(d_model), W_U, torch.zeros(d_vocab))
+    facts = en.final_norm_facts(readout)
+    assert facts["gamma_min"] == pytest.approx(-1.0) and facts["gamma_max"] == pytest.approx(2.0)
+    assert facts["uncentred_top_direction_uniformity"] > 0.99
+    W_U[0] -= 5.0
+    W_U[1, ::2] += 5.0  # now the strongest direction separates tokens instead
+    facts = en.final_norm_facts(en.FinalReadout("rms", 1e-5, torch.ones(d_model), torch.zeros(d_model), W_U, torch.zeros(d_vocab)))
+    assert facts["uncentred_top_direction_uniformity"] < 0.9
