@@ -1,0 +1,308 @@
+"""Tests of helpers.ioi: the IOI dataset generator (tiny models share the embedded tokenizer) and
+the IOI-specific analysis."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import ioi
+from helpers.ioi import ABBA_TEMPLATES, BABA_TEMPLATES, make_ioi_dataset
+from helpers.models import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny-llama", seed=0)
+
+
+@pytest.fixture(scope="module")
+def data(tiny):
+    return make_ioi_dataset(tiny, 24, seed=3, templates="mixed")
+
+
+def _decode(model, token_id) -> str:
+    return model.tokenizer.decode([int(token_id)])
+
+
+# ------------------------------------------------------------------------------------------- templates
+
+
+def test_paper_templates_and_abba_versions():
+    assert len(BABA_TEMPLATES) == 15 and len(ABBA_TEMPLATES) == 15
+    baba, abba = BABA_TEMPLATES[0], ABBA_TEMPLATES[0]
+    assert baba == "Then, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to"
+    assert abba == "Then, [A] and [B] went to the [PLACE]. [B] gave a [OBJECT] to"
+    for b, a in zip(BABA_TEMPLATES, ABBA_TEMPLATES):
+        # only the first clause changes; the second [B] (S2) stays
+        assert b.replace("[A]", "[X]").replace("[B]", "[X]") == a.replace("[A]", "[X]").replace("[B]", "[X]")
+        assert b.count("[B]") == 2 and b.count("[A]") == 1 and a.index("[A]") < a.index("[B]")
+
+
+def test_names_are_single_tokens_with_leading_space(tiny, data):
+    tok = tiny.tokenizer
+    assert len(data.name_pool) >= 50
+    for name in data.name_pool:
+        assert len(tok(" " + name, add_special_tokens=False)["input_ids"]) == 1
+    kept = ioi.single_token_words(tok, ["Mary", "Xzqvbrt"])
+    assert kept == ["Mary"]
+
+
+# ------------------------------------------------------------------------------------------- dataset
+
+
+def test_dataset_shapes_answers_and_seed(tiny, data):
+    n = len(data)
+    assert n == 24 and data.batch.tokens.shape[0] == n and data.answer_tokens.shape == (n, 2)
+    for i in range(n):
+        assert _decode(tiny, data.answer_tokens[i, 0]) == " " + data.io_names[i]
+        assert _decode(tiny, data.answer_tokens[i, 1]) == " " + data.s_names[i]
+        assert data.io_names[i] != data.s_names[i]
+        assert not data.prompts[i].endswith(data.io_names[i])
+    again = make_ioi_dataset(tiny, 24, seed=3, templates="mixed")
+    other = make_ioi_dataset(tiny, 24, seed=4, templates="mixed")
+    assert again.prompts == data.prompts
+    assert other.prompts != data.prompts
+    assert sorted(set(data.orders)) == ["ABBA", "BABA"] and data.orders.count("BABA") == 12
+
+
+@pytest.mark.parametrize("order", ["BABA", "ABBA"])
+def test_word_positions_point_at_the_names(tiny, order):
+    d = make_ioi_dataset(tiny, 16, seed=0, templates=order)
+    toks = d.batch.tokens
+    width = toks.shape[1]
+    assert len({len(p) for p in d.prompts}) > 1  # prompts of different lengths: left padding is exercised
+    for i in range(len(d)):
+        io, s1, s2, s1p1, end = (int(d.word_positions[k][i]) for k in ("IO", "S1", "S2", "S1+1", "END"))
+        assert _decode(tiny, toks[i, io]) == " " + d.io_names[i]
+        assert _decode(tiny, toks[i, s1]) == " " + d.s_names[i]
+        assert _decode(tiny, toks[i, s2]) == " " + d.s_names[i]
+        assert s1p1 == s1 + 1 and s1 < s2 < end
+        assert end == width - 1 and _decode(tiny, toks[i, end]) == " to"
+        assert bool(d.batch.attention_mask[i, min(io, s1):].all())
+        assert (io < s1) == (order == "ABBA")
+        assert d.orders[i] == order
+
+
+def test_abc_corruption_is_aligned_with_fresh_names(tiny, data):
+    abc = data.abc()
+    assert abc.kind == "ABC" and abc.batch.tokens.shape == data.batch.tokens.shape
+    assert torch.equal(abc.batch.attention_mask, data.batch.attention_mask)
+    for k in ioi.WORD_POSITION_KEYS:
+        assert torch.equal(abc.word_positions[k], data.word_positions[k])
+    differs = abc.batch.tokens != data.batch.tokens
+    name_cols = torch.stack([data.word_positions[k] for k in ("IO", "S1", "S2")], 1)
+    for i in range(len(data)):
+        names = {abc.io_names[i], abc.s_names[i], abc.s2_names[i]}
+        assert len(names) == 3 and not names & {data.io_names[i], data.s_names[i]}
+        # only the three name tokens change; template, place and object stay
+        assert set(differs[i].nonzero().flatten().tolist()) == set(name_cols[i].tolist())
+        assert abc.templates[i] == data.templates[i]
+        assert _decode(tiny, abc.batch.tokens[i, data.word_positions["S2"][i]]) == " " + abc.s2_names[i]
+    assert data.abc().prompts == abc.prompts and data.abc(seed=99).prompts != abc.prompts
+
+
+def test_swap_names_exchanges_io_and_s(tiny, data):
+    swapped = data.swap_names()
+    assert swapped.io_names == data.s_names and swapped.s_names == data.io_names
+    assert torch.equal(swapped.answer_tokens, data.answer_tokens.flip(-1))
+    i = 0
+    assert swapped.prompts[i].count(data.io_names[i]) == 2 and swapped.prompts[i].count(data.s_names[i]) == 1
+
+
+def test_template_groups_are_position_aligned(data):
+    for g in data.template_groups.unique():
+        rows = (data.template_groups == g).nonzero().flatten()
+        assert len({data.templates[int(r)] for r in rows}) == 1
+        assert len({int(data.batch.lengths[r]) for r in rows}) == 1
+
+
+def test_names_at_sentence_start_use_the_bare_token(tiny):
+    template = "[B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to"
+    d = make_ioi_dataset(tiny, 8, seed=1, templates=[template])
+    tok = tiny.tokenizer
+    for name in d.name_pool:  # every kept name is one token with and without the space
+        assert len(tok(name, add_special_tokens=False)["input_ids"]) == 1
+    for i in range(len(d)):
+        assert d.prompts[i].startswith(d.s_names[i] + " and ")
+        assert _decode(tiny, d.batch.tokens[i, d.word_positions["S1"][i]]) == d.s_names[i]  # no space
+        assert _decode(tiny, d.batch.tokens[i, d.word_positions["S2"][i]]) == " " + d.s_names[i]
+        assert _decode(tiny, d.batch.tokens[i, d.word_positions["IO"][i]]) == " " + d.io_names[i]
+    abc = d.abc()
+    assert torch.equal(abc.word_positions["S1"], d.word_positions["S1"])
+
+
+def test_subset_keeps_everything_consistent(tiny, data):
+    sub = data[[2, 5]]
+    assert sub.prompts == [data.prompts[2], data.prompts[5]]
+    assert torch.equal(sub.answer_tokens, data.answer_tokens[[2, 5]])
+    assert torch.equal(sub.word_positions["S2"], data.word_positions["S2"][[2, 5]])
+    assert len(data[:4]) == 4
+
+
+def test_bad_arguments_raise_clear_errors(tiny):
+    with pytest.raises(ValueError, match="n_prompts"):
+        make_ioi_dataset(tiny, 0)
+    with pytest.raises(ValueError, match="templates must be"):
+        make_ioi_dataset(tiny, 4, templates="BAAB")
+    with pytest.raises(ValueError, match="exactly one \\[A\\]"):
+        make_ioi_dataset(tiny, 4, templates=["[A] gave a [OBJECT] to"])
+    with pytest.raises(ValueError, match="single tokens"):
+        make_ioi_dataset(tiny, 4, names=["Mary", "John", "Xzqvbrtplk"])
+    with pytest.raises(ValueError, match="one token"):
+        make_ioi_dataset(tiny, 4, places=["Xzqvbrtplk"])
+
+
+def test_works_on_the_gpt2_layout_model():
+    model = load_model("tiny-gpt2", seed=0)
+    d = make_ioi_dataset(model, 6, seed=0, templates="BABA")
+    logits = model(d.batch.tokens, attention_mask=d.batch.attention_mask)
+    assert logits.shape[:2] == d.batch.tokens.shape
+
+
+# ------------------------------------------------------------------------------------------- analysis
+
+
+def test_baseline_matches_metrics(tiny, data):
+    from helpers.metrics import logit_diff
+
+    base = ioi.ioi_baseline(tiny, data)
+    logits = tiny(data.batch.tokens, attention_mask=data.batch.attention_mask)
+    assert base["logit_diff"] == pytest.approx(logit_diff(logits, data.answer_tokens, batch=data.batch).item(), abs=1e-5)
+    last = logits[:, -1].softmax(-1)
+    assert base["p_io"] == pytest.approx(last.gather(1, data.answer_tokens[:, :1]).mean().item(), abs=1e-6)
+    assert 0.0 <= base["frac_io_above_s"] <= 1.0
+
+
+def test_attention_scores_match_the_cache(tiny, data):
+    scores = ioi.attention_scores(tiny, data)
+    assert set(scores) == set(ioi.ATTENTION_SCORE_KEYS)
+    _, cache = tiny.run_with_cache(data.batch.tokens, attention_mask=data.batch.attention_mask)
+    layer, head = 1, 2
+    pattern = cache[f"blocks.{layer}.attn.hook_pattern"][:, head]
+    pos = data.word_positions
+    manual = torch.stack([pattern[b, pos["S2"][b], pos["S1+1"][b]] for b in range(len(data))]).mean()
+    assert scores["S2->S1+1"][layer, head] == pytest.approx(manual.item(), abs=1e-6)
+    assert torch.allclose(scores["END->S"], scores["END->S1"] + scores["END->S2"])
+    # previous-token score: attention t -> t-1 over the real positions from the 3rd real token on
+    total, count = 0.0, 0
+    for b in range(len(data)):
+        first = data.batch.tokens.shape[1] - int(data.batch.lengths[b])
+        for q in range(first + 2, data.batch.tokens.shape[1]):
+            total, count = total + float(pattern[b, q, q - 1]), count + 1
+    assert float(scores["previous token"][layer, head]) == pytest.approx(total / count, abs=1e-5)
+
+
+def test_copy_scores_range_and_sign(tiny, data):
+    heads = [(0, 0), (2, 3)]
+    names = data.name_pool[:20]
+    positive = ioi.copy_scores(tiny, heads, names)
+    negative = ioi.copy_scores(tiny, heads, names, negative=True)
+    assert set(positive) == set(heads)
+    assert all(0.0 <= v <= 1.0 for v in positive.values())
+    assert all(0.0 <= v <= 1.0 for v in negative.values())
+    # top_k = vocabulary size: every name is always in the top k
+    assert ioi.copy_scores(tiny, [(0, 0)], names[:3], top_k=tiny.cfg.d_vocab)[(0, 0)] == 1.0
+
+
+def test_mean_ablation_keeps_and_replaces_exactly(tiny, data):
+    abc = data.abc()
+    means = ioi.template_mean_z(tiny, abc)
+    circuit = {(2, 1): ("END",), (1, 3): ("S2", "S1+1")}
+    hooks = ioi.mean_ablation_hooks(tiny, data, abc, keep=circuit, means=means)
+    seen = {}
+
+    def recorder(layer):
+        def hook(z, hook):
+            seen[layer] = z.detach().clone()
+        return hook
+
+    record = [(f"blocks.{l}.attn.hook_z", recorder(l)) for l in range(tiny.cfg.n_layers)]
+    tiny.run_with_hooks(data.batch.tokens, attention_mask=data.batch.attention_mask, fwd_hooks=hooks + record)
+    _, abc_cache = tiny.run_with_cache(abc.batch.tokens, attention_mask=abc.batch.attention_mask)
+    abc_z2 = abc_cache["blocks.2.attn.hook_z"]
+    # an ablated head (2.0) at every position = mean of its z over the ABC prompts of the same template
+    for row in range(len(data)):
+        same = (abc.template_groups == data.template_groups[row]).nonzero().flatten()
+        assert torch.allclose(seen[2][row, :, 0], abc_z2[same, :, 0].mean(0), atol=1e-5)
+    # the kept head 2.1 is ablated everywhere except END, where it is its own (recomputed) output
+    end = int(data.word_positions["END"][0])
+    same0 = (abc.template_groups == data.template_groups[0]).nonzero().flatten()
+    assert torch.allclose(seen[2][0, :end, 1], abc_z2[same0, :end, 1].mean(0), atol=1e-5)
+    assert not torch.allclose(seen[2][0, end, 1], abc_z2[same0, end, 1].mean(0), atol=1e-4)
+    # no circuit and no knock-out: nothing is ablated, F(M) is the clean logit difference
+    assert ioi.mean_ablation_hooks(tiny, data, abc, keep=None, means=means) == []
+    base = ioi.ioi_baseline(tiny, data)["logit_diff"]
+    assert ioi.ablated_logit_diff(tiny, data, abc, keep=None, means=means) == pytest.approx(base, abs=1e-5)
+    with pytest.raises(ValueError, match="unknown position"):
+        ioi.mean_ablation_hooks(tiny, data, abc, keep={(0, 0): ("S3",)}, means=means)
+    with pytest.raises(ValueError, match="reference"):
+        ioi.mean_ablation_hooks(tiny, data, make_ioi_dataset(tiny, 4, seed=0, templates="BABA").abc(), keep=circuit)
+
+
+def test_faithfulness_minimality_completeness_shapes(tiny, data):
+    abc = data.abc()
+    classes = {"name mover": [(2, 1), (2, 0)], "induction": [(1, 3)]}
+    circuit = ioi.circuit_from_classes(classes)
+    assert circuit == {(1, 3): ("S2",), (2, 0): ("END",), (2, 1): ("END",)}
+    report = ioi.faithfulness(tiny, data, abc, circuit)
+    assert report.full_model == pytest.approx(ioi.ioi_baseline(tiny, data)["logit_diff"], abs=1e-5)
+    assert report.fraction_recovered == pytest.approx(report.circuit / report.full_model)
+    mini = ioi.minimality_scores(tiny, data, abc, circuit, classes, progress=False)
+    assert list(mini["head"]) == ["1.3", "2.0", "2.1"] and (mini["score"] >= 0).all()
+    comp = ioi.completeness_scores(tiny, data, abc, circuit, classes, n_random=2, progress=False)
+    assert comp.iloc[0]["K"] == "∅" and len(comp) == 1 + 2 + 2
+    assert comp.iloc[0]["F(C\\K)"] == pytest.approx(report.circuit, abs=1e-5)
+
+
+def test_class_rules_follow_the_thresholds():
+    de = torch.zeros(3, 4)
+    de[2, 1], de[2, 2], de[2, 3], de[1, 0] = 1.0, -0.5, 0.8, 0.01
+    attention = {k: torch.zeros(3, 4) for k in ioi.ATTENTION_SCORE_KEYS}
+    attention["END->IO"][2, 1] = attention["END->IO"][2, 2] = 0.6
+    attention["END->S"][2, 3] = 0.7  # attends S: not a name mover
+    classes = ioi.direct_effect_classes(de, attention, clean_logit_diff=3.0)
+    assert classes == {"name mover": [(2, 1)], "negative name mover": [(2, 2)], "other direct effect": [(2, 3)]}
+    strict = ioi.direct_effect_classes(de, attention, 3.0, copy={(2, 1): 0.3})
+    assert strict["name mover"] == []
+    path = torch.full((3, 4), float("nan"))
+    path[1, 2], path[1, 3], path[0, 0] = 0.7, 0.99, 0.9
+    assert ioi.s_inhibition_heads(path, exclude=[(0, 0)]) == [(1, 2)]
+    attention["S2->S1+1"][1, 1] = 0.8
+    attention["S2->S1"][0, 2] = 0.5
+    attention["previous token"][0, 3] = 0.9
+    attention["previous token"][1, 3] = 0.9  # same layer as the induction head: cannot feed it
+    found = ioi.pattern_classes(attention, before_layer=2)
+    assert found == {"induction": [(1, 1)], "duplicate token": [(0, 2)], "previous token": [(0, 3)]}
+    assert ioi.pattern_classes(attention, before_layer=1)["induction"] == []  # must precede S-inhibition
+    patching = torch.full((3, 4), 0.1)
+    patching[1, 1] = 0.0
+    strict = ioi.HeadClassRules(pattern_causal_effect=0.05)
+    assert ioi.pattern_classes(attention, patching, before_layer=2, rules=strict)["induction"] == []
+    assert ioi.pattern_classes(attention, patching, before_layer=2)["induction"] == [(1, 1)]
+
+
+def test_analysis_runs_on_the_gpt2_layout():
+    """The paper profile's model layout (LayerNorm, biases, learned positions): every analysis step runs."""
+    model = load_model("tiny-gpt2", seed=0)
+    d = make_ioi_dataset(model, 8, seed=0, templates="mixed")
+    abc = d.abc()
+    scores = ioi.attention_scores(model, d)
+    assert scores["END->IO"].shape == (model.cfg.n_layers, model.cfg.n_heads)
+    copy = ioi.copy_scores(model, [(0, 0), (2, 1)], d.name_pool[:10])
+    assert all(0.0 <= v <= 1.0 for v in copy.values())
+    report = ioi.faithfulness(model, d, abc, {(2, 1): ("END",)})
+    assert report.full_model == pytest.approx(ioi.ioi_baseline(model, d)["logit_diff"], abs=1e-4)
+    assert report.everything_ablated == pytest.approx(ioi.ablated_logit_diff(model, d, abc, keep={}), abs=1e-6)
+
+
+@pytest.mark.embedded
+def test_embedded_model_solves_ioi_and_abc_removes_the_signal():
+    model = load_model("embedded")
+    d = make_ioi_dataset(model, 16, seed=0, templates="mixed")
+    clean = ioi.ioi_baseline(model, d)
+    corrupted = ioi.ioi_baseline(model, d.abc(), answer_tokens=d.answer_tokens)
+    swapped = ioi.ioi_baseline(model, d.swap_names(), answer_tokens=d.answer_tokens)
+    assert clean["logit_diff"] > 2.0 and clean["frac_io_above_s"] >= 0.75
+    assert abs(corrupted["logit_diff"]) < 1.0
+    assert swapped["logit_diff"] < -1.0
