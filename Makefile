@@ -57,6 +57,16 @@ reproduce: setup
 colab-links: setup
 	$(PY) scripts/colab.py
 
+# Regenerate committed artefacts with the project's own training code (deterministic on CPU).
+# The committed grokking checkpoint (ci profile) was made with exactly this command (1 thread).
+grokking-checkpoint: setup
+	$(PY) scripts/train_grokking_checkpoint.py --epochs 15000 --threads 1
+
+# The LoRA adapter that safety-tunes the embedded model for the refusal study, its training data
+# and report (helpers/data/refusal/).
+safety-adapter: setup
+	$(PY) scripts/safety_tune.py
+
 benchmarks: setup
 	$(PY) benchmarks/patching.py
 	$(PY) benchmarks/grokking.py
