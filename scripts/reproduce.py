@@ -5,8 +5,9 @@ For each notebook, serially (two torch processes on 2 cores slow each other seve
   * write the executed notebook back in place (committed outputs come from the `embedded` run)
     and a copy into figures/executed/;
   * the notebook itself saves its figures (PNG + HTML) and its "paper vs. this run" table under figures/.
-Then write figures/RESULTS.md: every notebook's table, stamped with profile, models, device, package
-versions, machine and git commit.
+Each run is stamped (profile, date, git commit, device, package versions) in
+figures/results/<notebook>.run.json; figures/RESULTS.md is then rebuilt from the latest run of every
+notebook, so notebooks can also be reproduced one at a time (make reproduce NOTEBOOKS=notebooks/….ipynb).
 
 Usage: python scripts/reproduce.py [notebooks/01_….ipynb ...]   (default: every notebook)
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib.metadata
+import json
 import os
 import platform
 import shutil
@@ -84,33 +86,57 @@ def device() -> str:
     return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 
-def write_results(figures: Path, runs: list[tuple[Path, bool, float, str]]) -> Path:
-    profile = os.environ.get("MI_PROFILE", "paper")
+def record_run(figures: Path, path: Path, ok: bool, seconds: float, error: str) -> None:
+    """Stamp one notebook's run (kept beside its results table, so runs of single notebooks add up)."""
+    stamp = {
+        "notebook": path.stem,
+        "ok": ok,
+        "error": error,
+        "minutes": round(seconds / 60, 2),
+        "profile": os.environ.get("MI_PROFILE", "paper"),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "git_commit": git_commit(),
+        "device": device(),
+        "python": platform.python_version(),
+        "packages": versions(),
+    }
+    (figures / "results").mkdir(parents=True, exist_ok=True)
+    (figures / "results" / f"{path.stem}.run.json").write_text(json.dumps(stamp, indent=2) + "\n", encoding="utf-8")
+
+
+def write_results(figures: Path, notebooks: list[Path]) -> Path:
+    """figures/RESULTS.md from every notebook's latest recorded run and results table."""
+    stamps = {}
+    for path in notebooks:
+        run_file = figures / "results" / f"{path.stem}.run.json"
+        stamps[path.stem] = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else None
     lines = [
         "# Results: paper vs. this run",
         "",
-        "Written by `make reproduce` (scripts/reproduce.py); every number below comes from that run.",
+        "Written by `make reproduce` (scripts/reproduce.py) from each notebook's latest run; every number",
+        "below comes from that run. Each table names its profile, model, device and seed.",
         "",
-        f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- profile: `{profile}`",
-        f"- device: {device()}",
-        f"- git commit: {git_commit()}",
-        f"- python {platform.python_version()} on {platform.platform()}",
-        f"- packages: {versions()}",
-        "",
-        "| notebook | status | wall time |",
-        "|---|---|---|",
+        "| notebook | status | profile | wall time | date | git commit | device |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for path, ok, seconds, error in runs:
-        status = "ran" if ok else f"FAILED: {error[:120]}"
-        lines.append(f"| {path.stem} | {status} | {seconds / 60:.1f} min |")
-    for path, ok, _, _ in runs:
+    for path in notebooks:
+        stamp = stamps[path.stem]
+        if stamp is None:
+            lines.append(f"| {path.stem} | not run yet | | | | | |")
+            continue
+        status = "ran" if stamp["ok"] else f"FAILED: {stamp['error'][:120]}"
+        lines.append(f"| {path.stem} | {status} | `{stamp['profile']}` | {stamp['minutes']:.1f} min | {stamp['date']} "
+                     f"| {stamp['git_commit']} | {stamp['device']} |")
+    packages = sorted({(s["python"], s["packages"]) for s in stamps.values() if s})
+    lines += ["", "Software: " + "; ".join(f"python {py}, {pk}" for py, pk in packages) if packages else ""]
+    for path in notebooks:
         table = figures / "results" / f"{path.stem}.md"
+        stamp = stamps[path.stem]
         lines += ["", f"## {path.stem}", ""]
-        if table.is_file() and ok:
+        if stamp and stamp["ok"] and table.is_file():
             lines.append(table.read_text(encoding="utf-8").strip())
         else:
-            lines.append("_No results table: the notebook did not finish in this run._")
+            lines.append("_No results table: the notebook has not finished a run yet._")
     target = figures / "RESULTS.md"
     target.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return target
@@ -139,10 +165,11 @@ def main() -> int:
               + (f"; error: {error}" if error else ""), flush=True)
         if size > MAX_NOTEBOOK_BYTES:
             print(f"    !! {path.name} is over {MAX_NOTEBOOK_BYTES / 1e6:.0f} MB with outputs", flush=True)
-        runs.append((path, ok, seconds, error))
-    target = write_results(figures, runs)
+        record_run(figures, path, ok, seconds, error)
+        runs.append(ok)
+    target = write_results(figures, sorted((ROOT / "notebooks").glob("*.ipynb")))
     print(f"\nwrote {target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}")
-    return 0 if all(ok for _, ok, _, _ in runs) else 1
+    return 0 if all(runs) else 1
 
 
 if __name__ == "__main__":
