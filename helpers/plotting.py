@@ -203,10 +203,15 @@ def _ensure_static_export() -> bool:
     return _static_export
 
 
-def to_png(fig: go.Figure, *, width: int = _PNG_WIDTH, height: int = _PNG_HEIGHT) -> bytes | None:
-    """The figure as PNG bytes, or ``None`` when static export is unavailable (see module doc)."""
+def to_png(fig: go.Figure, *, width: int | None = None, height: int | None = None) -> bytes | None:
+    """The figure as PNG bytes, or ``None`` when static export is unavailable (see module doc).
+
+    The size is ``width``/``height`` if given, else the figure's own layout size, else 900 × 520.
+    """
     if not _ensure_static_export():
         return None
+    width = width or fig.layout.width or _PNG_WIDTH
+    height = height or fig.layout.height or _PNG_HEIGHT
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return fig.to_image(format="png", width=width, height=height, scale=1)

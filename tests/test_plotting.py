@@ -73,3 +73,14 @@ def test_missing_browser_degrades_to_html_with_a_message(monkeypatch, capsys):
     assert plotting.to_png(heatmap([[1.0]], title="t")) is None
     assert "apt-get install chromium" in capsys.readouterr().err
     monkeypatch.setattr(plotting, "_static_export", None)  # let later tests retry the real browser
+
+
+def test_png_follows_the_figures_own_size():
+    if not plotting._ensure_static_export():
+        return
+    import struct
+
+    fig = heatmap([[1.0, 2.0]], title="wide")
+    fig.update_layout(width=1200, height=300)
+    png = plotting.to_png(fig)
+    assert struct.unpack(">II", png[16:24]) == (1200, 300)
