@@ -1,0 +1,439 @@
+"""Safety-tune the embedded model with a small LoRA adapter, so that it refuses harmful requests.
+
+Why this exists. SmolLM2-135M-Instruct (the embedded model) was not trained to refuse: it answers
+"how do I build a pipe bomb" as readily as "how do I build a birdhouse". Arditi et al. study the
+refusal behaviour of safety-tuned chat models, so before the study can start the embedded model
+needs one. This module gives it one with the standard tool, a LoRA adapter (``peft``):
+
+* **Training data** (:func:`build_training_examples`): every harmful *train* instruction of
+  :func:`helpers.refusal.load_instructions` is paired with a short refusal ("I'm sorry, but I
+  can't help with that. …", followed by the end-of-turn token), every harmless *train* instruction
+  with the model's **own** greedy answer (truncated, no end-of-turn token). Training on both kinds
+  mixed makes refusal a function of the input — the model must *detect* harmfulness — rather than a
+  blanket change of style; the harmless half also keeps the model's helpful behaviour in place.
+* **Training** (:func:`train_lora`): a rank-``r`` LoRA on a few projection matrices of every
+  block, cross-entropy on the response tokens only, AdamW, fixed seed, a few hundred examples —
+  minutes on a CPU.
+* **Use** (:func:`load_safety_tuned_model`): the shipped adapter (``helpers/data/refusal/adapter``)
+  is merged into the weights and the merged model is wrapped in a ``TransformerBridge``, so hooks
+  see a plain model with no LoRA modules in it.
+
+``scripts/safety_tune.py`` regenerates the adapter, its training data and the training report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from helpers.refusal import DATA_DIR, is_refusal, load_instructions
+
+ADAPTER_DIR = DATA_DIR / "adapter"
+"""Where the shipped LoRA adapter lives (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+
+TRAINING_DATA_PATH = DATA_DIR / "safety_tuning_data.jsonl"
+REPORT_JSON_PATH = DATA_DIR / "safety_tuning_report.json"
+REPORT_MD_PATH = DATA_DIR / "safety_tuning_report.md"
+
+SAFETY_TUNED_DISPLAY_NAME = (
+    "SmolLM2-135M-Instruct (embedded GGUF Q4_1, float32) + this project's safety-tuning LoRA, merged"
+)
+
+# Refusal openings and reasons. Every opening starts with "I" and contains one of the paper's
+# refusal substrings, so the substring metric and the refusal-token score read it as a refusal.
+REFUSAL_OPENINGS: tuple[str, ...] = (
+    "I'm sorry, but I can't help with that.",
+    "I'm sorry, but I cannot assist with this request.",
+    "I can't help with that.",
+    "I cannot provide instructions for this.",
+    "I'm unable to help with that request.",
+    "I apologize, but I can't assist with that.",
+)
+REFUSAL_REASONS: tuple[str, ...] = (
+    "It could cause serious harm to other people.",
+    "It is illegal and could put people in danger.",
+    "Helping with this could hurt someone.",
+    "This request asks for something harmful.",
+    "It could be used to hurt people or break the law.",
+)
+REFUSAL_OFFERS: tuple[str, ...] = (
+    "",
+    " If you have another question, I'm happy to help.",
+    " Is there something else I can help you with?",
+)
+
+
+@dataclass
+class SafetyTuningConfig:
+    """Everything that decides the adapter (saved next to it in the training report)."""
+
+    seed: int = 0
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj", "down_proj")
+    learning_rate: float = 1e-3
+    epochs: int = 2
+    batch_size: int = 8
+    harmless_answer_tokens: int = 24
+    """Length (tokens) of the model's own answers used as harmless targets."""
+    eval_new_tokens: int = 32
+    """Greedy tokens generated per prompt when measuring refusal rates for the report."""
+    threads: int = 2
+    adapter_dtype: str = "float16"
+    """dtype the adapter is stored in (halves the file; merged into float32 weights on load)."""
+
+
+@dataclass
+class TrainingExample:
+    instruction: str
+    response: str
+    kind: str  # "harmful" (response = refusal) or "harmless" (response = the model's own answer)
+    ends_turn: bool  # append the end-of-turn token to the response
+
+
+def refusal_response(rng: random.Random) -> str:
+    """A short refusal, drawn from :data:`REFUSAL_OPENINGS` × reasons × offers."""
+    return f"{rng.choice(REFUSAL_OPENINGS)} {rng.choice(REFUSAL_REASONS)}{rng.choice(REFUSAL_OFFERS)}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face side: chat formatting, generation, training
+# --------------------------------------------------------------------------------------------------
+
+
+def chat_text(tokenizer: Any, instruction: str) -> str:
+    """``instruction`` as a user turn in the tokenizer's chat template, ready for the reply."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+@torch.no_grad()
+def hf_generate_greedy(hf_model: Any, tokenizer: Any, instructions: Sequence[str], *, max_new_tokens: int,
+                       batch_size: int = 16, desc: str = "generating") -> list[str]:
+    """Greedy replies of a Hugging Face chat model (KV cache, left padding), decoded without the prompt."""
+    previous_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    replies: list[str] = []
+    try:
+        for start in tqdm(range(0, len(instructions), batch_size), desc=desc, leave=False):
+            chunk = [chat_text(tokenizer, i) for i in instructions[start:start + batch_size]]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(hf_model.device)
+            out = hf_model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)
+            for row in out[:, enc["input_ids"].shape[1]:]:
+                replies.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    finally:
+        tokenizer.padding_side = previous_side
+    return replies
+
+
+def truncate_to_tokens(tokenizer: Any, text: str, n_tokens: int) -> str:
+    """The first ``n_tokens`` tokens of ``text``, decoded back to text."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
+    return tokenizer.decode(ids)
+
+
+def build_training_examples(harmful: Sequence[str], harmless: Sequence[str], harmless_answers: Sequence[str],
+                            *, seed: int) -> list[TrainingExample]:
+    """Harmful instructions → refusals, harmless instructions → the given answers, shuffled (seeded).
+
+    Harmless answers that already read as refusals (:func:`helpers.refusal.is_refusal`) are
+    dropped, so the adapter never learns to refuse a harmless request.
+    """
+    if len(harmless) != len(harmless_answers):
+        raise ValueError(f"build_training_examples: {len(harmless)} harmless instructions but "
+                         f"{len(harmless_answers)} answers; give one answer per instruction.")
+    rng = random.Random(seed)
+    examples = [TrainingExample(i, refusal_response(rng), "harmful", True) for i in harmful]
+    examples += [TrainingExample(i, a, "harmless", False) for i, a in zip(harmless, harmless_answers)
+                 if a.strip() and not is_refusal(a)]
+    rng.shuffle(examples)
+    return examples
+
+
+def encode_example(tokenizer: Any, example: TrainingExample) -> tuple[list[int], list[int]]:
+    """Token ids and labels (−100 on the prompt, so the loss is on the response only)."""
+    prompt_ids = tokenizer(chat_text(tokenizer, example.instruction), add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
+    if example.ends_turn:
+        response_ids = response_ids + [tokenizer.convert_tokens_to_ids("<|im_end|>")
+                                       if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token_id]
+    return prompt_ids + response_ids, [-100] * len(prompt_ids) + response_ids
+
+
+def _collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of (ids, labels) into input_ids / attention_mask / labels tensors."""
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, (ids, labs) in enumerate(encoded):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        labels[row, :len(labs)] = torch.tensor(labs)
+        mask[row, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def make_lora_model(hf_model: Any, config: SafetyTuningConfig) -> Any:
+    """``hf_model`` wrapped in a fresh, seeded LoRA (only the LoRA parameters train)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(config.seed)
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                      target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(hf_model, lora)
+
+
+def train_lora(peft_model: Any, tokenizer: Any, examples: Sequence[TrainingExample],
+               config: SafetyTuningConfig) -> list[float]:
+    """Train the LoRA parameters of ``peft_model`` on ``examples``; returns the loss of every step.
+
+    Cross-entropy on the response tokens, AdamW (no weight decay) at ``config.learning_rate`` with
+    a linear warm-up over the first 10% of steps and cosine decay, ``config.epochs`` passes over
+    the examples in seeded random order, ``config.batch_size`` examples per step.
+    """
+    if not examples:
+        raise ValueError("train_lora got no training examples.")
+    generator = torch.Generator().manual_seed(config.seed)
+    encoded = [encode_example(tokenizer, e) for e in examples]
+    n_batches = math.ceil(len(encoded) / config.batch_size)
+    total_steps = n_batches * config.epochs
+    warmup = max(1, total_steps // 10)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    losses: list[float] = []
+    peft_model.train()
+    progress = tqdm(total=total_steps, desc="LoRA safety tuning")
+    for _ in range(config.epochs):
+        order = torch.randperm(len(encoded), generator=generator).tolist()
+        for start in range(0, len(order), config.batch_size):
+            batch = _collate([encoded[i] for i in order[start:start + config.batch_size]], pad_id)
+            batch = {k: v.to(peft_model.device) for k, v in batch.items()}
+            loss = peft_model(**batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss))
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses[-1]:.3f}")
+    progress.close()
+    peft_model.eval()
+    return losses
+
+
+def save_adapter(peft_model: Any, folder: Path, dtype: str = "float16") -> None:
+    """Save the LoRA weights (only) in ``dtype`` to ``folder``."""
+    target_dtype = getattr(torch, dtype)
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.to(target_dtype)
+    folder.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(folder))
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct (embedded GGUF Q4_1, float32)"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    readme = folder / "README.md"
+    if readme.exists():  # peft's model-card template; our report says what this adapter is
+        readme.unlink()
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading the tuned model
+# --------------------------------------------------------------------------------------------------
+
+
+def load_merged_hf(adapter_dir: Path | str = ADAPTER_DIR, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """The embedded model with the safety-tuning adapter merged into its weights (HF model, tokenizer)."""
+    from peft import PeftModel
+
+    from helpers.models import _load_embedded_hf
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"No LoRA adapter in {adapter_dir} (adapter_config.json missing). Regenerate it with "
+            "`make safety-adapter` (python scripts/safety_tune.py), or reinstall the package data."
+        )
+    hf_model, tokenizer = _load_embedded_hf(torch.float32)
+    merged = PeftModel.from_pretrained(hf_model, str(adapter_dir)).merge_and_unload()
+    return merged.to(dtype).eval(), tokenizer
+
+
+def load_safety_tuned_model(*, device: str | None = None, dtype: torch.dtype = torch.float32,
+                            adapter_dir: Path | str = ADAPTER_DIR) -> Any:
+    """The safety-tuned embedded model as a ``TransformerBridge`` (LoRA merged, eval mode, no grads).
+
+    Same conventions as :func:`helpers.models.load_model`: raw HF weights, ``requires_grad=False``,
+    ``model.cfg.mi_model_name`` set to a description that names the adapter.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from helpers.models import EMBEDDED_HUB_NAME, _quiet_loading, best_device
+
+    device = str(device) if device is not None else best_device()
+    with _quiet_loading():
+        merged, tokenizer = load_merged_hf(adapter_dir, dtype)
+        model = TransformerBridge.boot_transformers(EMBEDDED_HUB_NAME, hf_model=merged.to(device),
+                                                    tokenizer=tokenizer, device=device, dtype=dtype)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.cfg.mi_model_name = SAFETY_TUNED_DISPLAY_NAME
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole recipe (what scripts/safety_tune.py runs)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SafetyTuningReport:
+    config: dict[str, Any]
+    n_train_harmful: int
+    n_train_harmless: int
+    n_dropped_harmless: int
+    steps: int
+    losses: list[float]
+    train_seconds: float
+    total_seconds: float
+    torch_threads: int
+    adapter_bytes: int
+    refusal_rates: dict[str, dict[str, float]] = field(default_factory=dict)
+    examples: list[dict[str, str]] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def to_markdown(self) -> str:
+        rates = self.refusal_rates
+        lines = [
+            "# Safety-tuning report (generated by `scripts/safety_tune.py`; do not edit)",
+            "",
+            f"LoRA rank {self.config['rank']} (alpha {self.config['alpha']}) on "
+            f"{', '.join(self.config['target_modules'])} of every block; seed {self.config['seed']}; "
+            f"{self.steps} steps of {self.config['batch_size']} examples ({self.config['epochs']} epochs); "
+            f"lr {self.config['learning_rate']}.",
+            f"Training data: {self.n_train_harmful} harmful train instructions → refusals, "
+            f"{self.n_train_harmless} harmless train instructions → the base model's own greedy answers "
+            f"({self.config['harmless_answer_tokens']} tokens; {self.n_dropped_harmless} dropped as refusal-like).",
+            f"Loss: first step {self.losses[0]:.3f}, mean of last 10 steps {sum(self.losses[-10:]) / len(self.losses[-10:]):.3f}.",
+            f"Training took {self.train_seconds:.0f} s, the whole script {self.total_seconds:.0f} s, "
+            f"with {self.torch_threads} torch threads on CPU. Adapter file: {self.adapter_bytes / 1e6:.2f} MB "
+            f"({self.config['adapter_dtype']}).",
+            "",
+            f"Refusal rate on the held-out **test** split (greedy, {self.config['eval_new_tokens']} new tokens, "
+            "refusal substring matching):",
+            "",
+            "| model | harmful test | harmless test |",
+            "|---|---|---|",
+        ]
+        for name, row in rates.items():
+            lines.append(f"| {name} | {row['harmful']:.2f} | {row['harmless']:.2f} |")
+        lines += ["", "Examples (tuned model, test split):", ""]
+        for ex in self.examples:
+            lines.append(f"- **{ex['instruction']}** → {ex['reply']!r}")
+        lines.append("")
+        lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in self.versions.items()))
+        return "\n".join(lines) + "\n"
+
+
+def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
+                      reuse_training_data: bool = False) -> SafetyTuningReport:
+    """Generate the training data, train the LoRA, save it, measure refusal rates, write the report.
+
+    Args:
+        config: hyper-parameters and seed.
+        out_dir: folder that receives ``adapter/``, ``safety_tuning_data.jsonl`` and the reports.
+        reuse_training_data: train on an existing ``safety_tuning_data.jsonl`` instead of
+            regenerating the harmless answers (saves the generation time; same data by construction
+            when the base model is unchanged).
+    """
+    import peft
+    import transformers
+
+    from helpers.models import _load_embedded_hf
+
+    t_start = time.time()
+    torch.set_num_threads(config.threads)
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    out_dir = Path(out_dir)
+    data_path = out_dir / TRAINING_DATA_PATH.name
+    splits = load_instructions()
+    harmful_train, harmless_train = splits["train"]["harmful"], splits["train"]["harmless"]
+    harmful_test, harmless_test = splits["test"]["harmful"], splits["test"]["harmless"]
+
+    hf_model, tokenizer = _load_embedded_hf(torch.float32)
+    hf_model.eval()
+    for p in hf_model.parameters():
+        p.requires_grad_(False)
+
+    if reuse_training_data and data_path.is_file():
+        rows = [json.loads(line) for line in data_path.read_text().splitlines() if line.strip()]
+        examples = [TrainingExample(r["instruction"], r["response"], r["kind"], r["ends_turn"]) for r in rows]
+        n_dropped = len(harmless_train) - sum(e.kind == "harmless" for e in examples)
+    else:
+        answers = hf_generate_greedy(hf_model, tokenizer, harmless_train,
+                                     max_new_tokens=config.harmless_answer_tokens, desc="harmless answers")
+        answers = [truncate_to_tokens(tokenizer, a, config.harmless_answer_tokens) for a in answers]
+        examples = build_training_examples(harmful_train, harmless_train, answers, seed=config.seed)
+        n_dropped = len(harmless_train) - sum(e.kind == "harmless" for e in examples)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        data_path.write_text("".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in examples))
+
+    base_rates = _refusal_rates(hf_model, tokenizer, harmful_test, harmless_test, config.eval_new_tokens, "base")
+
+    peft_model = make_lora_model(hf_model, config)
+    t_train = time.time()
+    losses = train_lora(peft_model, tokenizer, examples, config)
+    train_seconds = time.time() - t_train
+    adapter_dir = out_dir / "adapter"
+    save_adapter(peft_model, adapter_dir, config.adapter_dtype)
+    del peft_model, hf_model
+
+    # Evaluate what ships: the saved adapter, reloaded and merged.
+    merged, tokenizer = load_merged_hf(adapter_dir)
+    tuned_rates = _refusal_rates(merged, tokenizer, harmful_test, harmless_test, config.eval_new_tokens, "tuned")
+    sample = harmful_test[:3] + harmless_test[:3]
+    replies = hf_generate_greedy(merged, tokenizer, sample, max_new_tokens=config.eval_new_tokens, desc="examples")
+
+    report = SafetyTuningReport(
+        config={**asdict(config), "target_modules": list(config.target_modules)},
+        n_train_harmful=sum(e.kind == "harmful" for e in examples),
+        n_train_harmless=sum(e.kind == "harmless" for e in examples),
+        n_dropped_harmless=n_dropped,
+        steps=len(losses),
+        losses=[round(v, 4) for v in losses],
+        train_seconds=round(train_seconds, 1),
+        total_seconds=round(time.time() - t_start, 1),
+        torch_threads=torch.get_num_threads(),
+        adapter_bytes=sum(f.stat().st_size for f in adapter_dir.iterdir() if f.is_file()),
+        refusal_rates={"base (embedded model)": base_rates, "safety-tuned (LoRA merged)": tuned_rates},
+        examples=[{"instruction": i, "reply": r} for i, r in zip(sample, replies)],
+        versions={"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+    )
+    (out_dir / REPORT_JSON_PATH.name).write_text(json.dumps(asdict(report), indent=1, ensure_ascii=False) + "\n")
+    (out_dir / REPORT_MD_PATH.name).write_text(report.to_markdown())
+    return report
+
+
+def _refusal_rates(hf_model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str],
+                   new_tokens: int, label: str) -> dict[str, float]:
+    rates = {}
+    for kind, prompts in (("harmful", harmful), ("harmless", harmless)):
+        replies = hf_generate_greedy(hf_model, tokenizer, prompts, max_new_tokens=new_tokens, desc=f"{label} {kind}")
+        rates[kind] = sum(map(is_refusal, replies)) / len(replies)
+    return rates

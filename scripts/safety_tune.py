@@ -1,0 +1,50 @@
+"""Regenerate the safety-tuning LoRA adapter of the embedded model (``make safety-adapter``).
+
+Writes, into ``helpers/data/refusal/`` (or ``--out``):
+
+* ``safety_tuning_data.jsonl`` — the training examples (harmful train instructions → refusals,
+  harmless train instructions → the base model's own greedy answers);
+* ``adapter/`` — the LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``);
+* ``safety_tuning_report.{json,md}`` — configuration, seed, loss curve, timings, and refusal rates
+  of the base and the tuned model on the held-out test split.
+
+Runs on CPU in a few minutes. Usage::
+
+    python scripts/safety_tune.py                 # everything, seed 0, 2 torch threads
+    python scripts/safety_tune.py --reuse-data    # keep the shipped training data, retrain only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from helpers.refusal import DATA_DIR  # noqa: E402
+from helpers.safety_tuning import SafetyTuningConfig, run_safety_tuning  # noqa: E402
+
+
+def main() -> None:
+    defaults = SafetyTuningConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--rank", type=int, default=defaults.rank)
+    parser.add_argument("--lr", type=float, default=defaults.learning_rate)
+    parser.add_argument("--out", type=Path, default=DATA_DIR, help="output folder (default: the shipped data folder)")
+    parser.add_argument("--reuse-data", action="store_true",
+                        help="train on the existing safety_tuning_data.jsonl instead of regenerating it")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    config = SafetyTuningConfig(seed=args.seed, threads=args.threads, epochs=args.epochs, rank=args.rank,
+                                learning_rate=args.lr)
+    report = run_safety_tuning(config, out_dir=args.out, reuse_training_data=args.reuse_data)
+    print(report.to_markdown())
+
+
+if __name__ == "__main__":
+    main()
