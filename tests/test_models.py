@@ -54,7 +54,7 @@ def test_unknown_model_offline_fails_at_once_naming_it(monkeypatch, tmp_path):
     started = time.perf_counter()
     with pytest.raises(ModelNotAvailableError) as err:
         load_model("gpt2")
-    assert time.perf_counter() - started < 10
+    assert time.perf_counter() - started < 30  # no network timeout / hang
     message = str(err.value)
     assert "'gpt2'" in message and "MI_PROFILE=embedded" in message
 
@@ -114,9 +114,12 @@ def test_dequantised_weights_are_cached_and_reload_identically(monkeypatch, tmp_
     monkeypatch.setenv("MI_CACHE_DIR", str(tmp_path))
     first = load_model("embedded", device="cpu")  # dequantises from the GGUF and writes the cache
     assert (models._embedded_cache_path() / "model.safetensors").is_file()
-    started = time.perf_counter()
+
+    def no_dequantising(*args, **kwargs):
+        raise AssertionError("the second load must come from the float32 cache, not the GGUF")
+
+    monkeypatch.setattr(models, "embedded_gguf_path", no_dequantising)
     second = load_model("embedded", device="cpu")
-    assert time.perf_counter() - started < 10
     tokens = tokenize(first, "The quick brown fox").tokens
     with torch.no_grad():
         assert torch.equal(first(tokens), second(tokens))
