@@ -86,8 +86,11 @@ def device() -> str:
     return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 
-def record_run(figures: Path, path: Path, ok: bool, seconds: float, error: str) -> None:
-    """Stamp one notebook's run (kept beside its results table, so runs of single notebooks add up)."""
+def record_run(figures: Path, path: Path, ok: bool, seconds: float, error: str, commit: str | None = None) -> None:
+    """Stamp one notebook's run (kept beside its results table, so runs of single notebooks add up).
+
+    ``commit`` is the checkout the run started from (the executed notebook itself is rewritten by the run).
+    """
     stamp = {
         "notebook": path.stem,
         "ok": ok,
@@ -95,7 +98,7 @@ def record_run(figures: Path, path: Path, ok: bool, seconds: float, error: str) 
         "minutes": round(seconds / 60, 2),
         "profile": os.environ.get("MI_PROFILE", "paper"),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "git_commit": git_commit(),
+        "git_commit": commit or git_commit(),
         "device": device(),
         "python": platform.python_version(),
         "packages": versions(),
@@ -156,6 +159,7 @@ def main() -> int:
     (figures / "executed").mkdir(parents=True, exist_ok=True)
 
     runs = []
+    commit = git_commit()  # before the runs rewrite the notebooks in place
     for number, path in enumerate(paths, start=1):
         print(f"\n[{number}/{len(paths)}] {path.name} (profile {os.environ['MI_PROFILE']})", flush=True)
         ok, seconds, error = execute(path, args.timeout)
@@ -165,7 +169,7 @@ def main() -> int:
               + (f"; error: {error}" if error else ""), flush=True)
         if size > MAX_NOTEBOOK_BYTES:
             print(f"    !! {path.name} is over {MAX_NOTEBOOK_BYTES / 1e6:.0f} MB with outputs", flush=True)
-        record_run(figures, path, ok, seconds, error)
+        record_run(figures, path, ok, seconds, error, commit)
         runs.append(ok)
     target = write_results(figures, sorted((ROOT / "notebooks").glob("*.ipynb")))
     print(f"\nwrote {target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}")
