@@ -31,7 +31,7 @@ STUDIES = [
          runtime_ci="3.0 min [≈6]", status="ci reproduces all checks (15k-epoch checkpoint); 40k-epoch run pending"),
     dict(notebook="02_ioi_circuit", study="Indirect object identification circuit",
          paper="Wang et al. 2022", paper_model="GPT-2 small", embedded_model="SmolLM2-135M-Instruct",
-         runtime_embedded="35 min [≈10]", runtime_ci="12 min [≈11]", status="reproduced on the embedded model"),
+         runtime_embedded="6.0 min [≈1]", runtime_ci="12 min [≈11]", status="reproduced on the embedded model"),
     dict(notebook="wip/03_refusal_direction", study="Refusal is mediated by a single direction",
          paper="Arditi et al. 2024", paper_model="Gemma-2B-it (Qwen-1.8B-chat by one parameter)",
          embedded_model="SmolLM2-135M-Instruct + project LoRA safety tuning",
