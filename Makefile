@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml requirements/lock.txt scripts/setup_static_export.sh
 test: setup
 	@mkdir -p $(CI_FIGURES)
 	MI_PROFILE=ci MI_FIGURES_DIR=$(CI_FIGURES) HF_HUB_OFFLINE=1 \
-	  $(PY) -m pytest tests $(NOTEBOOKS) --nbval-lax --nbval-cell-timeout=900 -p no:cacheprovider --durations=20
+	  $(PY) -m pytest tests $(NOTEBOOKS) --nbval-lax --nbval-cell-timeout=900 -p no:cacheprovider --durations=20 --junitxml=build/test-report.xml
 
 unit-test: setup
 	MI_PROFILE=ci HF_HUB_OFFLINE=1 $(PY) -m pytest tests -p no:cacheprovider
@@ -48,7 +48,7 @@ unit-test: setup
 notebook-test: setup
 	@mkdir -p $(CI_FIGURES)
 	MI_PROFILE=ci MI_FIGURES_DIR=$(CI_FIGURES) HF_HUB_OFFLINE=1 \
-	  $(PY) -m pytest $(NOTEBOOKS) --nbval-lax --nbval-cell-timeout=900 -p no:cacheprovider --durations=20
+	  $(PY) -m pytest $(NOTEBOOKS) --nbval-lax --nbval-cell-timeout=900 -p no:cacheprovider --durations=20 --junitxml=build/test-report.xml
 
 reproduce: setup
 	MI_PROFILE=embedded HF_HUB_OFFLINE=1 $(PY) scripts/reproduce.py $(NOTEBOOKS)
