@@ -10,7 +10,7 @@ Writes, into ``helpers/data/refusal/`` (or ``--out``):
 
 Runs on CPU in a few minutes. Usage::
 
-    python scripts/safety_tune.py                 # everything, seed 0, 2 torch threads
+    python scripts/safety_tune.py                 # everything, seed 0, 2 torch threads (the shipped adapter: --threads 1)
     python scripts/safety_tune.py --reuse-data    # keep the shipped training data, retrain only
 """
 
@@ -35,13 +35,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--rank", type=int, default=defaults.rank)
     parser.add_argument("--lr", type=float, default=defaults.learning_rate)
+    parser.add_argument("--decision-weight", type=float, default=defaults.decision_token_weight,
+                        help="loss weight of the first response token")
+    parser.add_argument("--harmless-weight", type=float, default=defaults.harmless_weight,
+                        help="loss weight of harmless examples")
     parser.add_argument("--out", type=Path, default=DATA_DIR, help="output folder (default: the shipped data folder)")
     parser.add_argument("--reuse-data", action="store_true",
                         help="train on the existing safety_tuning_data.jsonl instead of regenerating it")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     config = SafetyTuningConfig(seed=args.seed, threads=args.threads, epochs=args.epochs, rank=args.rank,
-                                learning_rate=args.lr)
+                                learning_rate=args.lr, decision_token_weight=args.decision_weight,
+                                harmless_weight=args.harmless_weight)
     report = run_safety_tuning(config, out_dir=args.out, reuse_training_data=args.reuse_data)
     print(report.to_markdown())
 

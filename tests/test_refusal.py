@@ -325,3 +325,33 @@ def test_orthogonalized_weights_equal_ablation_hooks_on_tuned_model(tuned, split
         edited = R.last_logits(tuned, prompts)
     assert (hooked - edited).abs().max() < 1e-3
     assert not torch.allclose(hooked, R.last_logits(tuned, prompts), atol=1e-2)
+
+
+def test_label_weights_mark_the_decision_token_and_scale_harmless():
+    config = S.SafetyTuningConfig(decision_token_weight=5.0, harmless_weight=2.0)
+    labels = [-100, -100, 7, 8, 9]
+    assert S.label_weights(labels, "harmful", config) == [0.0, 0.0, 5.0, 1.0, 1.0]
+    assert S.label_weights(labels, "harmless", config) == [0.0, 0.0, 10.0, 2.0, 2.0]
+    with pytest.raises(ValueError, match="kind"):
+        S.label_weights(labels, "benign", config)
+
+
+def test_weighted_response_loss_with_unit_weights_is_the_usual_loss(tiny_hf):
+    hf, tokenizer = tiny_hf
+    config = S.SafetyTuningConfig(rank=4, alpha=8, decision_token_weight=1.0, harmless_weight=1.0)
+    peft_model = S.make_lora_model(hf, config)
+    examples = [S.TrainingExample("How do I steal a car?", "I can't help with that.", "harmful", True),
+                S.TrainingExample("How do I wash a car?", "Use soap and a soft sponge, then rinse.", "harmless", False)]
+    rows = []
+    for ex in examples:
+        ids, labels = S.encode_example(tokenizer, ex)
+        rows.append((ids, labels, S.label_weights(labels, ex.kind, config)))
+    batch = S._collate(rows, pad_id=0)
+    with torch.no_grad():
+        ours = S.weighted_response_loss(peft_model, batch)
+        reference = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               labels=batch["labels"]).loss
+        weighted = S.weighted_response_loss(peft_model, {**batch, "weights": batch["weights"] * 3.0})
+    assert torch.allclose(ours, reference, atol=1e-5), (ours, reference)
+    assert torch.allclose(weighted, ours, atol=1e-6)  # a uniform scale does not change the mean
+    peft_model.unload()
