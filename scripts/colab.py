@@ -27,17 +27,18 @@ INSTALL_LINE = re.compile(r'%pip install -q "mechinterp-repro @ git\+[^"]*"')
 STUDIES = [
     dict(notebook="01_grokking_fourier_circuits", study="Grokking: Fourier circuits & progress measures",
          paper="Nanda et al. 2023", paper_model="1-layer transformer trained from scratch (p = 113)",
-         embedded_model="same model, trained here", runtime_embedded="– (trains 40k epochs)",
-         runtime_ci="3.0 min [≈6]", status="ci reproduces all checks (15k-epoch checkpoint); 40k-epoch run pending"),
+         embedded_model="same model, trained here", runtime_embedded="36 min (trains 40k epochs; 1 thread)",
+         runtime_ci="3.0 min [≈6]", status="reproduced (40k-epoch embedded run; ci uses a shipped 15k-epoch checkpoint)"),
     dict(notebook="02_ioi_circuit", study="Indirect object identification circuit",
          paper="Wang et al. 2022", paper_model="GPT-2 small", embedded_model="SmolLM2-135M-Instruct",
          runtime_embedded="6.0 min [≈1]", runtime_ci="12 min [≈11]", status="reproduced on the embedded model"),
     dict(notebook="wip/03_refusal_direction", study="Refusal is mediated by a single direction",
          paper="Arditi et al. 2024", paper_model="Gemma-2B-it (Qwen-1.8B-chat by one parameter)",
          embedded_model="SmolLM2-135M-Instruct + project LoRA safety tuning",
-         runtime_embedded="–", runtime_ci="–",
-         status="work in progress (not run by CI): the LoRA makes the model refuse, but no candidate direction "
-                "passes the paper's selection filters yet"),
+         runtime_embedded="–", runtime_ci="2.5 min [≈1]",
+         status="work in progress (not run by CI): the LoRA makes the model refuse (held-out 1.00 harmful / 0.13 "
+                "harmless); adding r induces refusal (ci: 0.12 → 0.94), but the paper's ablation only lowers harmful "
+                "refusal to 0.56 (ci, 16 prompts), and no candidate passes the paper's KL ≤ 0.1 filter"),
     dict(notebook="04_entropy_neurons", study="Entropy & token-frequency neurons",
          paper="Stolfo et al. 2024", paper_model="GPT-2 small", embedded_model="SmolLM2-135M-Instruct",
          runtime_embedded="5.4 min [≈1]", runtime_ci="2.8 min [≈10]", status="reproduced on the embedded model"),
