@@ -322,3 +322,22 @@ def test_ablation_summary_rows():
     assert torch.allclose(everything["W_E"], model.W_E, atol=1e-5)
     nothing = fourier.ablate_embedding_frequencies(model.params, SMALL.p, range(1, 7))
     assert torch.allclose(nothing["W_E"][0, : SMALL.p], model.W_E[0, : SMALL.p].mean(0, keepdim=True).expand(SMALL.p, -1), atol=1e-5)
+
+
+def test_compare_histories_limits_to_early_epochs():
+    epochs = np.array([0, 100, 200])
+    reference = {"epoch": epochs, "train_loss": np.array([4.0, 2.0, 0.1]), "test_loss": np.array([4.0, 4.5, 5.0]),
+                 "train_accuracy": np.array([0.01, 0.5, 1.0]), "test_accuracy": np.array([0.01, 0.01, 0.02]),
+                 "train_loss_every_epoch": np.linspace(4.0, 0.1, 201)}
+    drifted = {k: v.copy() for k, v in reference.items()}
+    drifted["train_loss"][2] *= 1.1           # late drift: rounding amplified by training
+    drifted["train_loss_every_epoch"][150:] *= 1.1
+    everything = fourier.compare_histories(drifted, reference)
+    assert everything["train_loss"] == pytest.approx(0.1) and everything["train_loss_every_epoch"] == pytest.approx(0.1)
+    early = fourier.compare_histories(drifted, reference, max_epoch=50)
+    assert max(early.values()) == 0.0
+    changed = {k: v.copy() for k, v in reference.items()}
+    changed["train_loss_every_epoch"][1] *= 1.01  # a code change shows from the first steps
+    assert fourier.compare_histories(changed, reference, max_epoch=50)["train_loss_every_epoch"] == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="max_epoch"):
+        fourier.compare_histories(drifted, reference, max_epoch=-1)
