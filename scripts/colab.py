@@ -23,7 +23,7 @@ INSTALL_LINE = re.compile(r'%pip install -q "mechinterp-repro @ git\+[^"]*"')
 
 # One row per study. Runtimes on the 2-core machine, no GPU, load average in brackets. embedded: the notebook
 # runs of `make reproduce` (2026-11-21; grokking with 1 torch thread). ci: nbval's per-notebook time in
-# build/test-report.xml from `make test` on a clean clone (2026-11-29), refusal (wip) by nbconvert.
+# build/test-report.xml from `make test` on two clean clones (2026-11-29), refusal (wip) by nbconvert.
 # "–" = not measured. The authoritative record of a reproduction run is figures/RESULTS.md.
 STUDIES = [
     dict(notebook="01_grokking_fourier_circuits", study="Grokking: Fourier circuits & progress measures",
@@ -32,7 +32,7 @@ STUDIES = [
          runtime_ci="0.6 min [≈1]", status="reproduced (40k-epoch embedded run; ci uses a shipped 15k-epoch checkpoint)"),
     dict(notebook="02_ioi_circuit", study="Indirect object identification circuit",
          paper="Wang et al. 2022", paper_model="GPT-2 small", embedded_model="SmolLM2-135M-Instruct",
-         runtime_embedded="6.0 min [≈1]", runtime_ci="2.5 min [≈1]", status="reproduced on the embedded model"),
+         runtime_embedded="6.0 min [≈1]", runtime_ci="2.5–3.0 min [≈1]", status="reproduced on the embedded model"),
     dict(notebook="wip/03_refusal_direction", study="Refusal is mediated by a single direction",
          paper="Arditi et al. 2024", paper_model="Gemma-2B-it (Qwen-1.8B-chat by one parameter)",
          embedded_model="SmolLM2-135M-Instruct + project LoRA safety tuning",
@@ -42,10 +42,10 @@ STUDIES = [
                 "refusal to 0.56 (ci, 16 prompts), and no candidate passes the paper's KL ≤ 0.1 filter"),
     dict(notebook="04_entropy_neurons", study="Entropy & token-frequency neurons",
          paper="Stolfo et al. 2024", paper_model="GPT-2 small", embedded_model="SmolLM2-135M-Instruct",
-         runtime_embedded="5.4 min [≈1]", runtime_ci="0.8 min [≈1]", status="reproduced on the embedded model"),
+         runtime_embedded="5.4 min [≈1]", runtime_ci="0.8–1.1 min [≈1]", status="reproduced on the embedded model"),
     dict(notebook="05_self_repair", study="Self-repair",
          paper="Rushing & Nanda 2024", paper_model="GPT-2 small, Pythia-160M", embedded_model="SmolLM2-135M-Instruct",
-         runtime_embedded="1.9 min [≈1]", runtime_ci="0.6 min [≈1]", status="reproduced on the embedded model"),
+         runtime_embedded="1.9 min [≈1]", runtime_ci="0.6–0.9 min [≈1]", status="reproduced on the embedded model"),
     dict(notebook="06_activation_patching_best_practices", study="Activation patching best practices",
          paper="Zhang & Nanda 2024", paper_model="GPT-2 small (IOI), GPT-2 XL (facts)",
          embedded_model="SmolLM2-135M-Instruct", runtime_embedded="7.2 min [≈1]", runtime_ci="2.2 min [≈1]",
