@@ -36,10 +36,10 @@ STUDIES = [
     dict(notebook="wip/03_refusal_direction", study="Refusal is mediated by a single direction",
          paper="Arditi et al. 2024", paper_model="Gemma-2B-it (Qwen-1.8B-chat by one parameter)",
          embedded_model="SmolLM2-135M-Instruct + project LoRA safety tuning",
-         runtime_embedded="–", runtime_ci="2.5 min [≈1]",
-         status="work in progress (not run by CI): the LoRA makes the model refuse (held-out 1.00 harmful / 0.13 "
-                "harmless); adding r induces refusal (ci: 0.12 → 0.94), but the paper's ablation only lowers harmful "
-                "refusal to 0.56 (ci, 16 prompts), and no candidate passes the paper's KL ≤ 0.1 filter"),
+         runtime_embedded="22 min [≈1]", runtime_ci="2.5 min [≈1]",
+         status="partly reproduced, work in progress (not run by CI): adding r induces refusal (embedded: harmless "
+                "0.13 → 1.00), but the paper's ablation only lowers harmful refusal 1.00 → 0.60, and no candidate "
+                "passes the paper's KL ≤ 0.1 filter (relaxed to 0.5)"),
     dict(notebook="04_entropy_neurons", study="Entropy & token-frequency neurons",
          paper="Stolfo et al. 2024", paper_model="GPT-2 small", embedded_model="SmolLM2-135M-Instruct",
          runtime_embedded="5.4 min [≈1]", runtime_ci="0.8–1.1 min [≈1]", status="reproduced on the embedded model"),
