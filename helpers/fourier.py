@@ -588,9 +588,10 @@ def compare_histories(short: Mapping[str, np.ndarray], reference: Mapping[str, n
     """Largest relative difference of each measure over the epochs both histories have.
 
     Used to check that a short run reproduces the start of the committed history (same code, same
-    seed). Only float rounding should differ — it depends on the CPU and the thread count — but
-    training amplifies it: on the 2-core machine a 300-epoch run drifted from a checkpoint made on
-    another machine by 1e-5 relative at epoch 20, 1e-3 at epoch 100 and 6e-2 by epoch 150. Pass
+    seed). Only float rounding should differ — it depends on the thread count and the machine — but
+    training amplifies it: a 300-epoch run with 2 threads on the 2-core machine matched the committed
+    (1-thread) history's per-epoch train loss exactly for 10 epochs, then drifted by 2e-6 relative
+    at epoch 20, 7e-5 at epoch 50, 8e-4 at epoch 100 and 6e-2 by epoch 150. Pass
     ``max_epoch`` to compare only epochs ``0 .. max_epoch``, where a code change still shows and
     rounding does not.
     """
