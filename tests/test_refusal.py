@@ -254,7 +254,7 @@ def test_encode_example_masks_the_prompt(tiny_hf):
 def test_lora_training_lowers_loss_and_merged_adapter_matches(tiny_hf, tmp_path):
     hf, tokenizer = tiny_hf
     config = S.SafetyTuningConfig(rank=4, alpha=8, learning_rate=3e-2, epochs=8, batch_size=4, threads=1,
-                                  adapter_dtype="float32")
+                                  adapter_dtype="float32", lora_depth=1.0)
     examples = S.build_training_examples(HARMFUL, HARMLESS, ["Sure, first you need wood.", "Use soap and water.",
                                                              "Be patient and reward it.", "Roses are red."], seed=0)
     peft_model = S.make_lora_model(hf, config)
@@ -325,6 +325,20 @@ def test_orthogonalized_weights_equal_ablation_hooks_on_tuned_model(tuned, split
         edited = R.last_logits(tuned, prompts)
     assert (hooked - edited).abs().max() < 1e-3
     assert not torch.allclose(hooked, R.last_logits(tuned, prompts), atol=1e-2)
+
+
+def test_lora_depth_puts_lora_in_the_lower_blocks_only(tiny_hf):
+    hf, _ = tiny_hf
+    n_layers = hf.config.num_hidden_layers
+    assert S.lora_blocks(30, 0.5) == list(range(15))
+    assert S.lora_blocks(30, 1.0) == list(range(30))
+    assert S.lora_blocks(4, 0.01) == [0]  # at least one block
+    peft_model = S.make_lora_model(hf, S.SafetyTuningConfig(rank=4, alpha=8, lora_depth=0.5))
+    blocks = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in peft_model.named_parameters() if "lora_A" in n}
+    assert blocks == set(S.lora_blocks(n_layers, 0.5)) and max(blocks) < n_layers - 1
+    peft_model.unload()
+    with pytest.raises(ValueError, match="lora_depth"):
+        S.make_lora_model(hf, S.SafetyTuningConfig(lora_depth=0.0))
 
 
 def test_label_weights_mark_the_decision_token_and_scale_harmless():
