@@ -199,6 +199,13 @@ def label_weights(labels: Sequence[int], kind: str, config: SafetyTuningConfig) 
     return weights
 
 
+def encode_weighted(tokenizer: Any, example: TrainingExample,
+                    config: SafetyTuningConfig) -> tuple[list[int], list[int], list[float]]:
+    """:func:`encode_example` plus the example's :func:`label_weights`: one row for :func:`_collate`."""
+    ids, labels = encode_example(tokenizer, example)
+    return ids, labels, label_weights(labels, example.kind, config)
+
+
 def _collate(encoded: list[tuple[list[int], list[int], list[float]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad (ids, labels, weights) rows into input_ids / attention_mask / labels / weights tensors."""
     width = max(len(ids) for ids, _, _ in encoded)
@@ -232,6 +239,9 @@ def weighted_response_loss(peft_model: Any, batch: dict[str, torch.Tensor]) -> t
 
 def lora_blocks(n_layers: int, depth: float) -> list[int]:
     """The blocks that get LoRA matrices: the first ``round(depth · n_layers)`` (at least one)."""
+    if not 0 < depth <= 1:
+        raise ValueError(f"SafetyTuningConfig.lora_depth must be in (0, 1] (the fraction of blocks, from the "
+                         f"bottom, that get LoRA matrices), got {depth!r}.")
     return list(range(max(1, round(depth * n_layers))))
 
 
@@ -240,9 +250,6 @@ def make_lora_model(hf_model: Any, config: SafetyTuningConfig) -> Any:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(config.seed)
-    if not 0 < config.lora_depth <= 1:
-        raise ValueError(f"SafetyTuningConfig.lora_depth must be in (0, 1] (the fraction of blocks, from the "
-                         f"bottom, that get LoRA matrices), got {config.lora_depth!r}.")
     layers = lora_blocks(hf_model.config.num_hidden_layers, config.lora_depth)
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                       target_modules=list(config.target_modules), layers_to_transform=layers,
@@ -262,10 +269,7 @@ def train_lora(peft_model: Any, tokenizer: Any, examples: Sequence[TrainingExamp
     if not examples:
         raise ValueError("train_lora got no training examples.")
     generator = torch.Generator().manual_seed(config.seed)
-    encoded = []
-    for example in examples:
-        ids, labels = encode_example(tokenizer, example)
-        encoded.append((ids, labels, label_weights(labels, example.kind, config)))
+    encoded = [encode_weighted(tokenizer, example, config) for example in examples]
     n_batches = math.ceil(len(encoded) / config.batch_size)
     total_steps = n_batches * config.epochs
     warmup = max(1, total_steps // 10)

@@ -356,11 +356,7 @@ def test_weighted_response_loss_with_unit_weights_is_the_usual_loss(tiny_hf):
     peft_model = S.make_lora_model(hf, config)
     examples = [S.TrainingExample("How do I steal a car?", "I can't help with that.", "harmful", True),
                 S.TrainingExample("How do I wash a car?", "Use soap and a soft sponge, then rinse.", "harmless", False)]
-    rows = []
-    for ex in examples:
-        ids, labels = S.encode_example(tokenizer, ex)
-        rows.append((ids, labels, S.label_weights(labels, ex.kind, config)))
-    batch = S._collate(rows, pad_id=0)
+    batch = S._collate([S.encode_weighted(tokenizer, ex, config) for ex in examples], pad_id=0)
     with torch.no_grad():
         ours = S.weighted_response_loss(peft_model, batch)
         reference = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
