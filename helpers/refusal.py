@@ -9,6 +9,9 @@ The pipeline, as in the paper:
    stream (``blocks.{l}.hook_resid_pre``) between harmful and harmless *train* prompts, at every
    layer ``l`` and every post-instruction position of the chat template (the template tokens
    after the user's instruction, e.g. ``<|im_end|>\\n<|im_start|>assistant\\n``).
+   Optionally (a deviation from the paper, see the notebook), the model's massive-activation
+   dimensions (:func:`massive_activation_dims`) are zeroed in every candidate
+   (:meth:`CandidateDirections.without_dims`).
 3. **Selection** (:func:`select_direction`) — for each candidate, on the *val* split:
    the refusal score of harmful prompts when the direction is ablated everywhere (lower = better
    bypass), the refusal score of harmless prompts when it is added at its own layer (the steering
@@ -210,6 +213,7 @@ class CandidateDirections:
         positions: the negative positions (``-n .. -1``) the first axis indexes.
         position_tokens: the template token at each of those positions.
         harmful_mean / harmless_mean: the two means, same shape as ``directions``.
+        excluded_dims: residual-stream coordinates zeroed in ``directions`` (see :meth:`without_dims`).
     """
 
     directions: Float[torch.Tensor, "pos layer d_model"]
@@ -217,6 +221,23 @@ class CandidateDirections:
     position_tokens: list[str]
     harmful_mean: Float[torch.Tensor, "pos layer d_model"]
     harmless_mean: Float[torch.Tensor, "pos layer d_model"]
+    excluded_dims: tuple[int, ...] = ()
+
+    def without_dims(self, dims: Sequence[int]) -> "CandidateDirections":
+        """A copy whose directions have the coordinates ``dims`` set to zero (the means are kept).
+
+        Used to keep the model's massive-activation dimensions (:func:`massive_activation_dims`)
+        out of the refusal direction: the direction then has no component along them, so ablating
+        it cannot subtract the huge, prompt-independent value those dimensions carry."""
+        d_model = self.directions.shape[-1]
+        dims = [int(d) for d in dims]
+        bad = [d for d in dims if not 0 <= d < d_model]
+        if bad:
+            raise ValueError(f"dims {bad} are out of range; the residual stream has d_model={d_model} coordinates.")
+        directions = self.directions.clone()
+        directions[..., dims] = 0.0
+        return CandidateDirections(directions, list(self.positions), list(self.position_tokens), self.harmful_mean,
+                                   self.harmless_mean, tuple(sorted(set(self.excluded_dims) | set(dims))))
 
     def direction(self, position: int, layer: int) -> Float[torch.Tensor, "d_model"]:
         """The (unnormalised) direction at negative ``position`` and ``layer``."""
@@ -256,6 +277,61 @@ def candidate_directions(model: Any, harmful: Sequence[str], harmless: Sequence[
     harmless_mean = mean_resid_pre(model, harmless, positions, batch_size=batch_size, desc="harmless means")
     return CandidateDirections((harmful_mean - harmless_mean).float(), positions, tokens,
                                harmful_mean.float(), harmless_mean.float())
+
+
+@dataclass(frozen=True)
+class MassiveActivation:
+    """One residual-stream dimension with a massive activation (Sun et al. 2024).
+
+    Attributes:
+        dim: the coordinate of the residual stream.
+        magnitude: its largest ``|activation|`` over the prompts' real tokens and all layers.
+        layer: the layer (``blocks.{layer}.hook_resid_pre``) where that maximum occurs.
+        token: the token at which it occurs (typically the first token: the attention sink).
+        ratio: ``magnitude`` divided by the median ``|activation|`` of that layer.
+    """
+
+    dim: int
+    magnitude: float
+    layer: int
+    token: str
+    ratio: float
+
+
+@torch.no_grad()
+def massive_activation_dims(model: Any, instructions: Sequence[str], *, min_magnitude: float = 100.0,
+                            min_ratio: float = 1000.0, batch_size: int = 16) -> list[MassiveActivation]:
+    """The residual-stream dimensions that carry *massive activations*, largest first.
+
+    Sun et al. (2024, "Massive activations in large language models") call an activation massive
+    when ``|x| > min_magnitude`` and ``|x| > min_ratio ×`` the median ``|x|`` of its layer. They sit
+    in a few fixed dimensions, mostly at the first token (the attention sink), act like biases and
+    barely depend on the prompt. This scans ``blocks.{l}.hook_resid_pre`` of every layer over the
+    chat-formatted ``instructions`` (real tokens only) and returns every dimension that has a
+    massive activation somewhere, with where its largest one is.
+    """
+    if min_magnitude <= 0 or min_ratio <= 0:
+        raise ValueError(f"min_magnitude and min_ratio must be positive, got {min_magnitude} and {min_ratio}.")
+    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)]
+    found: dict[int, MassiveActivation] = {}
+    for start in range(0, len(instructions), batch_size):
+        batch = chat_batch(model, instructions[start:start + batch_size])
+        _, cache = model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask,
+                                        names_filter=lambda n: n in names)
+        real = batch.attention_mask.bool().cpu()
+        tokens = batch.tokens.cpu()[real]  # [n_real]
+        for layer, name in enumerate(names):
+            acts = cache[name].float().cpu()[real].abs()  # [n_real, d_model]
+            median = float(acts.median())
+            peak, where = acts.max(0)  # per dim: [d_model]
+            massive = (peak > min_magnitude) & (peak > min_ratio * median)
+            for dim in massive.nonzero().flatten().tolist():
+                magnitude = float(peak[dim])
+                if dim not in found or magnitude > found[dim].magnitude:
+                    token = model.tokenizer.decode([int(tokens[where[dim]])])
+                    found[dim] = MassiveActivation(dim, magnitude, layer, token, magnitude / max(median, 1e-12))
+        del cache
+    return sorted(found.values(), key=lambda m: -m.magnitude)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -479,6 +555,39 @@ def mean_token_loss(model: Any, tokens: Any, *, fwd_hooks: Sequence[tuple[str, C
         total += float((nll * mask).sum())
         count += int(mask.sum())
     return total / count
+
+
+@dataclass(frozen=True)
+class AblationCost:
+    """What directional ablation of one direction costs outside refusal (see :func:`ablation_cost`).
+
+    Attributes:
+        kl: mean KL(clean ‖ ablated) of the harmless instructions' next-token distributions (nats).
+        loss_clean / loss_ablated: mean next-token loss (nats/token) on the corpus without / with
+            the ablation.
+    """
+
+    kl: float
+    loss_clean: float
+    loss_ablated: float
+
+    @property
+    def loss_increase(self) -> float:
+        """Relative loss increase under ablation (0.05 = +5%)."""
+        return self.loss_ablated / self.loss_clean - 1.0
+
+
+@torch.no_grad()
+def ablation_cost(model: Any, direction: Float[torch.Tensor, "d_model"], harmless: Sequence[str],
+                  corpus: Any) -> AblationCost:
+    """Capability cost of ablating ``direction`` everywhere (:func:`helpers.ablation.direction_ablation_hooks`):
+    the KL of the ``harmless`` instructions' next-token predictions and the loss on ``corpus``
+    (a ``TokenBatch`` of ordinary text, e.g. from :func:`helpers.corpus.load_corpus_tokens`)."""
+    from helpers.ablation import direction_ablation_hooks
+
+    hooks = direction_ablation_hooks(model, direction)
+    kl = kl_per_prompt(last_logits(model, harmless, fwd_hooks=hooks), last_logits(model, harmless)).mean()
+    return AblationCost(float(kl), mean_token_loss(model, corpus), mean_token_loss(model, corpus, fwd_hooks=hooks))
 
 
 # --------------------------------------------------------------------------------------------------

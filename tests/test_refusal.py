@@ -210,6 +210,21 @@ def test_mean_token_loss_is_cross_entropy(tiny):
     assert math.isclose(loss, (expected + expected0).item() / total_tokens, rel_tol=1e-4)
 
 
+def test_ablation_cost_is_kl_and_loss_under_directional_ablation(tiny):
+    from helpers.ablation import direction_ablation_hooks
+    from helpers.prompts import tokenize
+
+    corpus = tokenize(tiny, ["The cat sat on the mat.", "Hello there, how are you today?"])
+    direction = torch.randn(tiny.cfg.d_model, generator=torch.Generator().manual_seed(2))
+    cost = R.ablation_cost(tiny, direction, HARMLESS, corpus)
+    hooks = direction_ablation_hooks(tiny, direction)
+    kl = R.kl_per_prompt(R.last_logits(tiny, HARMLESS, fwd_hooks=hooks), R.last_logits(tiny, HARMLESS)).mean()
+    assert math.isclose(cost.kl, kl.item(), rel_tol=1e-5) and cost.kl > 0
+    assert math.isclose(cost.loss_clean, R.mean_token_loss(tiny, corpus), rel_tol=1e-6)
+    assert math.isclose(cost.loss_ablated, R.mean_token_loss(tiny, corpus, fwd_hooks=hooks), rel_tol=1e-6)
+    assert math.isclose(cost.loss_increase, cost.loss_ablated / cost.loss_clean - 1, rel_tol=1e-9)
+
+
 # --------------------------------------------------------------------------------------------------
 # Safety tuning
 # --------------------------------------------------------------------------------------------------
@@ -327,6 +342,14 @@ def test_orthogonalized_weights_equal_ablation_hooks_on_tuned_model(tuned, split
     assert not torch.allclose(hooked, R.last_logits(tuned, prompts), atol=1e-2)
 
 
+@pytest.mark.embedded
+def test_tuned_model_has_one_massive_dimension_at_the_attention_sink(tuned, splits):
+    """SmolLM2's dim 507 is about 25,000 at the first token (what the notebook's section 1b relies on)."""
+    found = R.massive_activation_dims(tuned, splits["train"]["harmless"][:4])
+    assert [m.dim for m in found] == [507], found
+    assert found[0].token == "<|im_start|>" and found[0].magnitude > 10_000
+
+
 def test_lora_depth_puts_lora_in_the_lower_blocks_only(tiny_hf):
     hf, _ = tiny_hf
     n_layers = hf.config.num_hidden_layers
@@ -365,3 +388,33 @@ def test_weighted_response_loss_with_unit_weights_is_the_usual_loss(tiny_hf):
     assert torch.allclose(ours, reference, atol=1e-5), (ours, reference)
     assert torch.allclose(weighted, ours, atol=1e-6)  # a uniform scale does not change the mean
     peft_model.unload()
+
+
+def test_massive_activation_dims_finds_an_injected_massive_dimension(tiny):
+    assert R.massive_activation_dims(tiny, HARMLESS) == []  # a random model has none
+
+    def sink(activation, hook):  # a massive value in dim 5 at the first real token of every prompt
+        activation = activation.clone()
+        activation[:, 0, 5] = 5000.0  # batch of one: no padding, position 0 is the first real token
+        return activation
+
+    hooks = [(f"blocks.{layer}.hook_resid_pre", sink) for layer in (1, 2)]
+    with tiny.hooks(fwd_hooks=hooks):
+        found = R.massive_activation_dims(tiny, HARMLESS[:2], batch_size=1)
+    assert [m.dim for m in found] == [5]
+    assert found[0].magnitude == pytest.approx(5000.0) and found[0].layer in (1, 2)
+    assert found[0].token == "<|im_start|>" and found[0].ratio > 1000
+    with pytest.raises(ValueError, match="positive"):
+        R.massive_activation_dims(tiny, HARMLESS, min_ratio=0)
+
+
+def test_candidates_without_dims_zero_those_coordinates_only(tiny):
+    cands = R.candidate_directions(tiny, HARMFUL, HARMLESS)
+    clean = cands.without_dims([3, 7])
+    assert clean.excluded_dims == (3, 7) and cands.excluded_dims == ()
+    assert (clean.directions[..., [3, 7]] == 0).all()
+    keep = [d for d in range(tiny.cfg.d_model) if d not in (3, 7)]
+    assert torch.equal(clean.directions[..., keep], cands.directions[..., keep])
+    assert clean.without_dims([7, 1]).excluded_dims == (1, 3, 7)
+    with pytest.raises(ValueError, match="d_model"):
+        cands.without_dims([tiny.cfg.d_model])
