@@ -33,7 +33,7 @@ STUDIES = [
     dict(notebook="02_ioi_circuit", study="Indirect object identification circuit",
          paper="Wang et al. 2022", paper_model="GPT-2 small", embedded_model="SmolLM2-135M-Instruct",
          runtime_embedded="6.0 min [≈1]", runtime_ci="2.5–3.0 min [≈1]", status="reproduced on the embedded model"),
-    dict(notebook="wip/03_refusal_direction", study="Refusal is mediated by a single direction",
+    dict(notebook="03_refusal_direction", study="Refusal is mediated by a single direction",
          paper="Arditi et al. 2024", paper_model="Gemma-2B-it (Qwen-1.8B-chat by one parameter)",
          embedded_model="SmolLM2-135M-Instruct + project LoRA safety tuning (lower half of the blocks)",
          runtime_embedded="– (not yet run with the current adapter)", runtime_ci="2.8 min [≈1]",
@@ -113,7 +113,7 @@ def main() -> int:
     url = repository_url()
     stale = []
     targets = [(ROOT / "README.md", synced_readme(url))]
-    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb")) + sorted((ROOT / "notebooks" / "wip").glob("*.ipynb"))
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
     targets += [(p, synced_notebook(p, url)) for p in notebooks]
     for path, wanted in targets:
         if path.read_text(encoding="utf-8") != wanted:
