@@ -288,7 +288,10 @@ class MassiveActivation:
         magnitude: its largest ``|activation|`` over the prompts' real tokens and all layers.
         layer: the layer (``blocks.{layer}.hook_resid_pre``) where that maximum occurs.
         token: the token at which it occurs (typically the first token: the attention sink).
-        ratio: ``magnitude`` divided by the median ``|activation|`` of that layer.
+        ratio: ``magnitude`` divided by the median ``|activation|`` of that layer (all dims and tokens).
+        median_in_dim: the median ``|activation|`` of this dimension at that layer, over all tokens —
+            what the dimension carries at a typical token.
+        layer_median: the median ``|activation|`` of that layer, for comparison.
     """
 
     dim: int
@@ -296,6 +299,8 @@ class MassiveActivation:
     layer: int
     token: str
     ratio: float
+    median_in_dim: float
+    layer_median: float
 
 
 @torch.no_grad()
@@ -329,7 +334,8 @@ def massive_activation_dims(model: Any, instructions: Sequence[str], *, min_magn
                 magnitude = float(peak[dim])
                 if dim not in found or magnitude > found[dim].magnitude:
                     token = model.tokenizer.decode([int(tokens[where[dim]])])
-                    found[dim] = MassiveActivation(dim, magnitude, layer, token, magnitude / max(median, 1e-12))
+                    found[dim] = MassiveActivation(dim, magnitude, layer, token, magnitude / max(median, 1e-12),
+                                                   float(acts[:, dim].median()), median)
         del cache
     return sorted(found.values(), key=lambda m: -m.magnitude)
 

@@ -348,6 +348,7 @@ def test_tuned_model_has_one_massive_dimension_at_the_attention_sink(tuned, spli
     found = R.massive_activation_dims(tuned, splits["train"]["harmless"][:4])
     assert [m.dim for m in found] == [507], found
     assert found[0].token == "<|im_start|>" and found[0].magnitude > 10_000
+    assert found[0].median_in_dim > 10 * found[0].layer_median  # large at every token, not only the first
 
 
 def test_lora_depth_puts_lora_in_the_lower_blocks_only(tiny_hf):
@@ -404,6 +405,7 @@ def test_massive_activation_dims_finds_an_injected_massive_dimension(tiny):
     assert [m.dim for m in found] == [5]
     assert found[0].magnitude == pytest.approx(5000.0) and found[0].layer in (1, 2)
     assert found[0].token == "<|im_start|>" and found[0].ratio > 1000
+    assert found[0].median_in_dim < 100 and found[0].ratio == pytest.approx(5000.0 / found[0].layer_median)
     with pytest.raises(ValueError, match="positive"):
         R.massive_activation_dims(tiny, HARMLESS, min_ratio=0)
 
