@@ -22,8 +22,8 @@ START, END = "<!-- studies:start -->", "<!-- studies:end -->"
 INSTALL_LINE = re.compile(r'%pip install -q "mechinterp-repro @ git\+[^"]*"')
 
 # One row per study. Runtimes on the 2-core machine, no GPU, load average in brackets. embedded: the notebook
-# runs of `make reproduce` (2026-11-21; grokking with 1 torch thread). ci: nbval's per-notebook time in
-# build/test-report.xml from `make test` on two clean clones (2026-11-29), refusal (wip) by nbconvert (2026-11-29).
+# runs of `make reproduce` (2026-11-21, refusal 2026-11-30; grokking with 1 torch thread). ci: nbval's per-notebook time in
+# build/test-report.xml from `make test` on clean clones (2026-11-29; refusal 2026-11-30).
 # "–" = not measured. The authoritative record of a reproduction run is figures/RESULTS.md.
 STUDIES = [
     dict(notebook="01_grokking_fourier_circuits", study="Grokking: Fourier circuits & progress measures",
@@ -36,11 +36,11 @@ STUDIES = [
     dict(notebook="03_refusal_direction", study="Refusal is mediated by a single direction",
          paper="Arditi et al. 2024", paper_model="Gemma-2B-it (Qwen-1.8B-chat by one parameter)",
          embedded_model="SmolLM2-135M-Instruct + project LoRA safety tuning (lower half of the blocks)",
-         runtime_embedded="– (not yet run with the current adapter)", runtime_ci="2.8 min [≈1]",
-         status="work in progress (not run by CI). ci run, 16 held-out prompts per side: ablating r cuts harmful "
-                "refusal 0.94 → 0.06 and adding r makes harmless prompts refuse 0.25 → 0.88, as in the paper; the "
-                "capability checks fail (harmless KL 0.34 nats, Wikipedia loss +6.4%), and no candidate passes "
-                "the paper's KL ≤ 0.1 filter (relaxed to 0.5)"),
+         runtime_embedded="26.6 min [≈1]", runtime_ci="3.2 min (nbconvert) [≈1]",
+         status="partly reproduced on the safety-tuned embedded model, with two stated deviations (KL filter relaxed to "
+                "0.5; massive-activation dim 507 zeroed in r). embedded, 60 held-out prompts per side: ablating r "
+                "cuts harmful refusal 0.92 → 0.40 (partial bypass), adding r makes harmless prompts refuse "
+                "0.23 → 0.98; harmless KL 0.17 nats, Wikipedia loss +4.4% (paper's Qwen-1.8B: +0.4%)"),
     dict(notebook="04_entropy_neurons", study="Entropy & token-frequency neurons",
          paper="Stolfo et al. 2024", paper_model="GPT-2 small", embedded_model="SmolLM2-135M-Instruct",
          runtime_embedded="5.4 min [≈1]", runtime_ci="0.8–1.1 min [≈1]", status="reproduced on the embedded model"),
