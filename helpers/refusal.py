@@ -288,10 +288,11 @@ class MassiveActivation:
         magnitude: its largest ``|activation|`` over the prompts' real tokens and all layers.
         layer: the layer (``blocks.{layer}.hook_resid_pre``) where that maximum occurs.
         token: the token at which it occurs (typically the first token: the attention sink).
-        ratio: ``magnitude`` divided by the median ``|activation|`` of that layer (all dims and tokens).
+        ratio: ``magnitude`` divided by ``layer_median``.
         median_in_dim: the median ``|activation|`` of this dimension at that layer, over all tokens —
             what the dimension carries at a typical token.
-        layer_median: the median ``|activation|`` of that layer, for comparison.
+        layer_median: the median ``|activation|`` of that layer over all dimensions and tokens.
+        (Both medians are over the batch of ``batch_size`` prompts in which the peak occurs.)
     """
 
     dim: int
@@ -317,6 +318,8 @@ def massive_activation_dims(model: Any, instructions: Sequence[str], *, min_magn
     """
     if min_magnitude <= 0 or min_ratio <= 0:
         raise ValueError(f"min_magnitude and min_ratio must be positive, got {min_magnitude} and {min_ratio}.")
+    if isinstance(instructions, str) or not instructions:
+        raise ValueError("massive_activation_dims expects a non-empty list of instruction strings.")
     names = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)]
     found: dict[int, MassiveActivation] = {}
     for start in range(0, len(instructions), batch_size):

@@ -36,7 +36,7 @@ STUDIES = [
     dict(notebook="03_refusal_direction", study="Refusal is mediated by a single direction",
          paper="Arditi et al. 2024", paper_model="Gemma-2B-it (Qwen-1.8B-chat by one parameter)",
          embedded_model="SmolLM2-135M-Instruct + project LoRA safety tuning (lower half of the blocks)",
-         runtime_embedded="26.6 min [≈1]", runtime_ci="3.2 min (nbconvert) [≈1]",
+         runtime_embedded="26.6 min [≈1]", runtime_ci="2.1 min [≈2]",
          status="partly reproduced on the safety-tuned embedded model, with two stated deviations (KL filter relaxed to "
                 "0.5; massive-activation dim 507 zeroed in r). embedded, 60 held-out prompts per side: ablating r "
                 "cuts harmful refusal 0.92 → 0.40 (partial bypass), adding r makes harmless prompts refuse "

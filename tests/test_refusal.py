@@ -408,6 +408,8 @@ def test_massive_activation_dims_finds_an_injected_massive_dimension(tiny):
     assert found[0].median_in_dim < 100 and found[0].ratio == pytest.approx(5000.0 / found[0].layer_median)
     with pytest.raises(ValueError, match="positive"):
         R.massive_activation_dims(tiny, HARMLESS, min_ratio=0)
+    with pytest.raises(ValueError, match="non-empty list"):
+        R.massive_activation_dims(tiny, [])
 
 
 def test_candidates_without_dims_zero_those_coordinates_only(tiny):
