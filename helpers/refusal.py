@@ -36,7 +36,7 @@ import json
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from jaxtyping import Float
@@ -249,22 +249,30 @@ class CandidateDirections:
         return f"{position} {self.position_tokens[self.positions.index(position)]!r}"
 
 
+def resid_pre_batches(model: Any, instructions: Sequence[str], *, batch_size: int = 16,
+                      desc: str | None = None) -> Iterator[tuple[Any, list[Float[torch.Tensor, "batch pos d_model"]]]]:
+    """Run the chat-formatted ``instructions`` in batches (left-padded, :func:`chat_batch`) and yield
+    each ``TokenBatch`` with ``blocks.{l}.hook_resid_pre`` of every layer ``l`` (only those hooks are
+    cached). ``desc`` shows a progress bar. Call under ``torch.no_grad()``."""
+    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)]
+    starts = range(0, len(instructions), batch_size)
+    for start in tqdm(starts, desc=desc, leave=False) if desc else starts:
+        batch = chat_batch(model, instructions[start:start + batch_size])
+        _, cache = model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask,
+                                        names_filter=lambda n: n in names)
+        yield batch, [cache[name] for name in names]
+        del cache
+
+
 @torch.no_grad()
 def mean_resid_pre(model: Any, instructions: Sequence[str], positions: Sequence[int], *,
                    batch_size: int = 16, desc: str = "mean resid_pre") -> Float[torch.Tensor, "pos layer d_model"]:
     """Mean of ``blocks.{l}.hook_resid_pre`` over ``instructions`` at the given negative positions
     (every layer), in float64. Only the resid_pre hooks are cached."""
-    n_layers = model.cfg.n_layers
-    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
-    total = torch.zeros(len(positions), n_layers, model.cfg.d_model, dtype=torch.float64)
-    for start in tqdm(range(0, len(instructions), batch_size), desc=desc, leave=False):
-        batch = chat_batch(model, instructions[start:start + batch_size])
-        _, cache = model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask,
-                                        names_filter=lambda n: n in names)
-        for layer, name in enumerate(names):
-            acts = cache[name][:, list(positions)].to(torch.float64).cpu()  # [batch, pos, d_model]
-            total[:, layer] += acts.sum(0)
-        del cache
+    total = torch.zeros(len(positions), model.cfg.n_layers, model.cfg.d_model, dtype=torch.float64)
+    for _, resid in resid_pre_batches(model, instructions, batch_size=batch_size, desc=desc):
+        for layer, acts in enumerate(resid):
+            total[:, layer] += acts[:, list(positions)].to(torch.float64).cpu().sum(0)  # acts: [batch, pos, d_model]
     return total / len(instructions)
 
 
@@ -320,16 +328,12 @@ def massive_activation_dims(model: Any, instructions: Sequence[str], *, min_magn
         raise ValueError(f"min_magnitude and min_ratio must be positive, got {min_magnitude} and {min_ratio}.")
     if isinstance(instructions, str) or not instructions:
         raise ValueError("massive_activation_dims expects a non-empty list of instruction strings.")
-    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)]
     found: dict[int, MassiveActivation] = {}
-    for start in range(0, len(instructions), batch_size):
-        batch = chat_batch(model, instructions[start:start + batch_size])
-        _, cache = model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask,
-                                        names_filter=lambda n: n in names)
+    for batch, resid in resid_pre_batches(model, instructions, batch_size=batch_size):
         real = batch.attention_mask.bool().cpu()
         tokens = batch.tokens.cpu()[real]  # [n_real]
-        for layer, name in enumerate(names):
-            acts = cache[name].float().cpu()[real].abs()  # [n_real, d_model]
+        for layer, layer_acts in enumerate(resid):
+            acts = layer_acts.float().cpu()[real].abs()  # [n_real, d_model]
             median = float(acts.median())
             peak, where = acts.max(0)  # per dim: [d_model]
             massive = (peak > min_magnitude) & (peak > min_ratio * median)
@@ -339,7 +343,6 @@ def massive_activation_dims(model: Any, instructions: Sequence[str], *, min_magn
                     token = model.tokenizer.decode([int(tokens[where[dim]])])
                     found[dim] = MassiveActivation(dim, magnitude, layer, token, magnitude / max(median, 1e-12),
                                                    float(acts[:, dim].median()), median)
-        del cache
     return sorted(found.values(), key=lambda m: -m.magnitude)
 
 
@@ -610,14 +613,8 @@ def projections(model: Any, instructions: Sequence[str], direction: Float[torch.
     """Projection of ``blocks.{l}.hook_resid_pre`` at negative ``position`` onto the unit ``direction``,
     for every prompt and layer."""
     unit = direction.float() / direction.float().norm()
-    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)]
-    out = []
-    for start in range(0, len(instructions), batch_size):
-        batch = chat_batch(model, instructions[start:start + batch_size])
-        _, cache = model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask,
-                                        names_filter=lambda n: n in names)
-        out.append(torch.stack([cache[n][:, position].float().cpu() @ unit for n in names], dim=1))
-        del cache
+    out = [torch.stack([acts[:, position].float().cpu() @ unit for acts in resid], dim=1)
+           for _, resid in resid_pre_batches(model, instructions, batch_size=batch_size)]
     return torch.cat(out)
 
 
