@@ -33,6 +33,22 @@ Refusal-direction tools (Arditi et al. 2024)
   every MLP ``W_out`` and bias) is replaced by ``(I - r rᵀ) W``. Tied embeddings are untied first so
   the unembedding stays unchanged. Same outputs as the hooks up to float error (tested).
 * :func:`activation_addition_hooks` adds ``coeff * direction`` to ``hook_resid_pre`` of one layer.
+
+Affine concept editing (ACE; Marshall, Scherlis & Belrose 2024)
+---------------------------------------------------------------
+Directional ablation sets the coordinate ``x·r`` to **zero**; ACE sets it to a **reference value**
+``c`` — e.g. the mean coordinate of harmless prompts — so that ablation moves harmful prompts to
+where harmless ones sit, not to the origin: ``x ← x − (x·r − c) r``.
+
+* :func:`affine_ablation_hooks` applies that at ``hook_resid_pre`` of every layer (with a value per
+  layer) and, as directional ablation does, projects ``r`` out of every attention and MLP output,
+  so the coordinate stays at ``c_l`` through block ``l``. With ``c = 0`` it *is*
+  :func:`direction_ablation_hooks`.
+* :func:`affine_steering_hooks` sets the coordinate at one layer (e.g. to the harmful mean's) —
+  ACE's counterpart of activation addition.
+* :func:`affine_edit_weights` is the weight-edit twin of :func:`affine_ablation_hooks` for one
+  value ``c`` at every layer: orthogonalise every residual writer (:func:`orthogonalize_weights`)
+  and add ``c r`` to every token embedding, so every token starts at ``c`` and nothing moves it.
 """
 
 from __future__ import annotations
@@ -435,6 +451,61 @@ def activation_addition_hooks(
     return [(f"blocks.{layer}.hook_{site}", add)]
 
 
+def _per_layer_values(value: Any, n_layers: int, name: str) -> list[float]:
+    """A float per layer from a number or a length-``n_layers`` sequence / tensor."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().flatten().tolist() if value.ndim else float(value)
+    if isinstance(value, (int, float)):
+        values = [float(value)] * n_layers
+    else:
+        values = [float(v) for v in value]
+        if len(values) != n_layers:
+            raise ValueError(f"{name} must be a number or one value per layer ({n_layers}), got {len(values)} values.")
+    bad = [v for v in values if v != v or v in (float("inf"), float("-inf"))]
+    if bad:
+        raise ValueError(f"{name} must be finite, got {bad[:3]}.")
+    return values
+
+
+def _set_coordinate(unit: torch.Tensor, value: float) -> Callable[..., torch.Tensor]:
+    def hook(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+        r = unit.to(activation)
+        return activation - ((activation @ r) - value)[..., None] * r
+    return hook
+
+
+def affine_ablation_hooks(model: Any, direction: Float[torch.Tensor, "d_model"], reference: Any) -> list[Hook]:
+    """ACE ablation: hold the residual stream's coordinate along the unit ``direction`` at ``reference``.
+
+    At every layer ``l``: ``x ← x − (x·r − c_l) r`` at ``blocks.{l}.hook_resid_pre``, and ``r``
+    projected out of ``hook_attn_out`` and ``hook_mlp_out`` (as :func:`direction_ablation_hooks`),
+    at every position. ``reference`` is one number for every layer or one per layer (e.g. the
+    harmless prompts' mean coordinate at each layer). ``reference = 0`` is directional ablation.
+    """
+    r = unit_direction(direction, model.cfg.d_model)
+    values = _per_layer_values(reference, model.cfg.n_layers, "reference")
+
+    def project_out(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+        unit = r.to(activation)
+        return activation - (activation @ unit)[..., None] * unit
+
+    hooks: list[Hook] = []
+    for layer, value in enumerate(values):
+        hooks.append((f"blocks.{layer}.hook_resid_pre", _set_coordinate(r, value)))
+        hooks.append((f"blocks.{layer}.hook_attn_out", project_out))
+        hooks.append((f"blocks.{layer}.hook_mlp_out", project_out))
+    return hooks
+
+
+def affine_steering_hooks(model: Any, direction: Float[torch.Tensor, "d_model"], value: float, layer: int) -> list[Hook]:
+    """ACE steering: set the coordinate of ``blocks.{layer}.hook_resid_pre`` along the unit
+    ``direction`` to ``value`` at every position (``x ← x − (x·r − value) r``); later layers run freely."""
+    if not 0 <= layer < model.cfg.n_layers:
+        raise ValueError(f"layer {layer} is out of range; the model has {model.cfg.n_layers} layers.")
+    r = unit_direction(direction, model.cfg.d_model)
+    return [(f"blocks.{layer}.hook_resid_pre", _set_coordinate(r, _per_layer_values(value, 1, "value")[0]))]
+
+
 def _residual_writers(model: Any) -> list[tuple[str, torch.nn.Module]]:
     """Every module whose output is added to the residual stream: embeddings, attention out
     projections, MLP out projections (the HF modules the bridge runs)."""
@@ -534,6 +605,46 @@ def orthogonalize_weights(model: Any, direction: Float[torch.Tensor, "d_model"])
     """
     r = unit_direction(direction, model.cfg.d_model)
     handle = OrthogonalizedWeights(model, r)
+    try:
+        handle._apply()
+    except Exception:
+        handle.active = True
+        handle.restore()
+        raise
+    return handle
+
+
+class AffineEditedWeights(OrthogonalizedWeights):
+    """The handle :func:`affine_edit_weights` returns (restore on exit, like :class:`OrthogonalizedWeights`)."""
+
+    def __init__(self, model: Any, direction: torch.Tensor, value: float):
+        super().__init__(model, direction)
+        self.value = value
+
+    def _apply(self) -> None:
+        super()._apply()  # nothing writes along r any more; the embedding is untied from the unembedding
+        embed = self.model.embed.original_component
+        if not isinstance(embed, torch.nn.Embedding):
+            raise NotImplementedError(f"affine_edit_weights needs an nn.Embedding token embedding, got {type(embed).__name__}; "
+                                      "use affine_ablation_hooks instead.")
+        with torch.no_grad():
+            shifted = embed.weight.detach() + self.value * self.direction.to(embed.weight)[None, :]
+        embed.weight = torch.nn.Parameter(shifted, requires_grad=False)  # the orthogonalised one is in _saved
+
+
+def affine_edit_weights(model: Any, direction: Float[torch.Tensor, "d_model"], value: float) -> AffineEditedWeights:
+    """Weight-edit twin of :func:`affine_ablation_hooks` with one ``value`` at every layer.
+
+    Every residual writer is orthogonalised to the unit ``direction`` (:func:`orthogonalize_weights`)
+    and ``value · r`` is added to every row of the token embedding: each token's stream starts with
+    coordinate ``value`` along ``r`` and no layer changes it. ``value = 0`` is
+    :func:`orthogonalize_weights`. Undo with ``handle.restore()`` or a ``with`` block.
+    """
+    r = unit_direction(direction, model.cfg.d_model)
+    if hasattr(model, "pos_embed"):
+        raise NotImplementedError("affine_edit_weights: a learned position embedding also writes to the stream; "
+                                  "put the shift in one of the two by hand, or use affine_ablation_hooks.")
+    handle = AffineEditedWeights(model, r, float(value))
     try:
         handle._apply()
     except Exception:

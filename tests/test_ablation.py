@@ -12,6 +12,9 @@ from helpers.ablation import (
     ablation_hooks,
     ablation_values,
     activation_addition_hooks,
+    affine_ablation_hooks,
+    affine_edit_weights,
+    affine_steering_hooks,
     direction_ablation_hooks,
     mean_ablation_hooks,
     orthogonalize_weights,
@@ -108,6 +111,93 @@ def test_direction_hooks_leave_no_component_along_direction(model, batch):
     run(model, batch, hooks)
     for layer, resid in store.items():
         assert (resid @ unit).abs().max() < 1e-4, f"resid_post of layer {layer} still has a component along r"
+
+
+# ------------------------------------------------------------------------------------------------
+# Affine concept editing (ACE)
+# ------------------------------------------------------------------------------------------------
+
+
+def naive_affine_hooks(model, direction, values):
+    """ACE written out as matrices: resid_pre ← (I − r rᵀ) x + c_l r; outputs ← (I − r rᵀ) y."""
+    unit = direction / direction.norm()
+    projector = torch.eye(model.cfg.d_model) - torch.outer(unit, unit)
+
+    def at_resid(value):
+        return lambda x, hook: x @ projector.T + value * unit
+
+    def at_output(y, hook):
+        return y @ projector.T
+
+    hooks = []
+    for layer, value in enumerate(values):
+        hooks += [(f"blocks.{layer}.hook_resid_pre", at_resid(value)), (f"blocks.{layer}.hook_attn_out", at_output),
+                  (f"blocks.{layer}.hook_mlp_out", at_output)]
+    return hooks
+
+
+def test_affine_ablation_matches_naive_matrices_and_holds_the_coordinate(model, batch):
+    torch.manual_seed(2)
+    direction = torch.randn(model.cfg.d_model) * 2.0
+    unit = direction / direction.norm()
+    values = (torch.randn(model.cfg.n_layers) * 3.0).tolist()
+    mask = batch.attention_mask.bool()
+    store: dict = {}
+    hooks = affine_ablation_hooks(model, direction, values)
+    hooks += [(f"blocks.{l}.hook_resid_post", capture(store, l)) for l in range(model.cfg.n_layers)]
+    got = run(model, batch, hooks)
+    expected = run(model, batch, naive_affine_hooks(model, direction, values))
+    assert (got - run(model, batch))[mask].abs().max() > 1e-3, "the edit should change the logits"
+    torch.testing.assert_close(got[mask], expected[mask], atol=1e-4, rtol=1e-4)
+    for layer, resid in store.items():  # nothing in block l moves the coordinate away from c_l
+        torch.testing.assert_close((resid @ unit)[mask], torch.full_like((resid @ unit)[mask], values[layer]),
+                                   atol=1e-3, rtol=1e-4)
+
+
+def test_affine_ablation_at_zero_is_directional_ablation(model, batch):
+    direction = torch.randn(model.cfg.d_model)
+    mask = batch.attention_mask.bool()
+    torch.testing.assert_close(run(model, batch, affine_ablation_hooks(model, direction, 0.0))[mask],
+                               run(model, batch, direction_ablation_hooks(model, direction))[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_affine_steering_sets_one_coordinate_and_keeps_the_rest(model, batch):
+    direction = torch.randn(model.cfg.d_model)
+    unit = direction / direction.norm()
+    layer, value = model.cfg.n_layers - 1, 7.5
+    clean, edited = {}, {}
+    run(model, batch, [(f"blocks.{layer}.hook_resid_pre", capture(clean, "x"))])
+    run(model, batch, affine_steering_hooks(model, direction, value, layer)
+        + [(f"blocks.{layer}.hook_resid_pre", capture(edited, "x"))])
+    x, y = clean["x"], edited["x"]
+    torch.testing.assert_close(y @ unit, torch.full_like(y @ unit, value), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(y - (y @ unit)[..., None] * unit, x - (x @ unit)[..., None] * unit, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="out of range"):
+        affine_steering_hooks(model, direction, value, model.cfg.n_layers)
+
+
+def test_affine_edit_weights_match_the_hooks_with_one_value():
+    model = load_model("tiny-llama", device="cpu")
+    batch = tokenize(model, TEXTS[:3])
+    direction, value = torch.randn(model.cfg.d_model) * 4.0, -2.5
+    mask = batch.attention_mask.bool()
+    clean = run(model, batch)
+    hooked = run(model, batch, affine_ablation_hooks(model, direction, value))
+    with affine_edit_weights(model, direction, value):
+        edited = run(model, batch)
+    torch.testing.assert_close(edited[mask], hooked[mask], atol=1e-4, rtol=1e-4)
+    assert torch.equal(run(model, batch), clean), "restore() must put the exact original weights back"
+    assert model.embed.original_component.weight.data_ptr() == model.unembed.original_component.weight.data_ptr()
+
+
+def test_affine_hooks_reject_bad_reference(model):
+    direction = torch.randn(model.cfg.d_model)
+    with pytest.raises(ValueError, match="one value per layer"):
+        affine_ablation_hooks(model, direction, [1.0, 2.0][: model.cfg.n_layers - 1] + [0.0] * (model.cfg.n_layers + 1))
+    with pytest.raises(ValueError, match="finite"):
+        affine_ablation_hooks(model, direction, float("nan"))
+    with pytest.raises(ValueError, match="d_model"):
+        affine_ablation_hooks(model, torch.randn(model.cfg.d_model + 1), 0.0)
 
 
 @pytest.mark.embedded
