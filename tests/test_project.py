@@ -63,3 +63,28 @@ def test_every_notebook_starts_with_the_setup_cell_and_stays_small():
         assert path.stat().st_size < 2_000_000, f"{path.name} is over 2 MB"
         code = "\n".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
         assert "/work/shared" not in code and "../shared" not in code, f"{path.name} reads shared/ at run time"
+
+
+def test_no_import_cycle_in_helpers():
+    """No module of ``helpers`` imports another that (directly or not) imports it back, counting the
+    imports inside functions too: the refusal study and its safety tuning share their data through
+    ``helpers.refusal_data`` instead of importing each other."""
+    import ast
+
+    modules = {p.stem: p for p in (ROOT / "helpers").glob("*.py") if p.stem != "__init__"}
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("helpers"):
+                parts = node.module.split(".")
+                graph[name] |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names if a.name in modules}
+            elif isinstance(node, ast.Import):
+                graph[name] |= {a.name.split(".")[1] for a in node.names if a.name.startswith("helpers.")}
+    for start in graph:
+        stack = [(start, [start])]
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph.get(node, ()):
+                assert nxt != start, "import cycle: " + " -> ".join(path + [nxt])
+                if nxt not in path:
+                    stack.append((nxt, path + [nxt]))

@@ -1,0 +1,213 @@
+"""The refusal study's request sets: harmful and harmless requests, their splits, the style-shift set.
+
+One place for the data and its paths, imported by both :mod:`helpers.refusal` (the study) and
+:mod:`helpers.safety_tuning` (the adapter that gives the embedded model its refusal behaviour).
+
+The sets (``helpers/data/refusal/``, documented in its ``README.md``):
+
+* ``harmful.jsonl`` — requests a safety-tuned assistant must refuse, in ten harm categories of the
+  HarmBench / JailbreakBench kind, each tagged with its ``form`` (question, imperative, role-play,
+  multi-sentence context).
+* ``harmless.jsonl`` — ordinary requests of Alpaca's range, and *contrast* requests
+  (``contrast=True``) that share topic words with a harm category but are plainly fine to answer
+  ("How do I kill a Python process?").
+* ``style_shift.jsonl`` — a test-only set written in other voices (texting, legalese, search
+  keywords, non-native English, …) to measure whether refusal generalises beyond the style it was
+  tuned and selected on. It is never split, trained on or used for selection.
+
+Splits (:func:`split_requests`) are by request, stratified by side and category, with every group
+of near-duplicates (:func:`near_duplicate_groups`) kept inside one split, so that no test request
+is a light rewording of a training one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+DATA_DIR = Path(__file__).resolve().parent / "data" / "refusal"
+HARMFUL_PATH = DATA_DIR / "harmful.jsonl"
+HARMLESS_PATH = DATA_DIR / "harmless.jsonl"
+STYLE_SHIFT_PATH = DATA_DIR / "style_shift.jsonl"
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+KINDS: tuple[str, ...] = ("harmful", "harmless")
+SPLIT_FRACTIONS: dict[str, float] = {"train": 0.6, "val": 0.1, "test": 0.3}
+"""Share of each (side, category) stratum that goes to each split."""
+SPLIT_SEED = 0
+NEAR_DUPLICATE_JACCARD = 0.5
+"""Two requests whose lower-cased word sets overlap by at least this Jaccard index count as
+near-duplicates (same request reworded); they always land in the same split."""
+
+HARM_CATEGORIES: tuple[str, ...] = (
+    "cybercrime", "weapons", "drugs", "fraud_scams", "harassment_hate", "privacy_violations",
+    "misinformation", "physical_harm", "theft_property_crime", "illegal_evasion",
+)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request of the refusal data.
+
+    Attributes:
+        id: stable identifier (``ha-cybercrime-001``, ``g-cooking-012``, ``c-weapons-003``, ``s-harmful-004``).
+        kind: ``"harmful"`` or ``"harmless"``.
+        category: harm category (harmful and contrast requests) or task category (other harmless ones).
+        text: the request as a user would type it.
+        contrast: a harmless request that shares topic words with the harm ``category``.
+        form: question / imperative / roleplay / context (the main sets), or ``None``.
+        style: the voice of a style-shift request (texting, formal, keywords, …), or ``None``.
+    """
+
+    id: str
+    kind: str
+    category: str
+    text: str
+    contrast: bool = False
+    form: str | None = None
+    style: str | None = None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"Refusal data file {path} is missing; reinstall the package data "
+                                "(it ships in helpers/data/refusal/).")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number} is not valid JSON ({err}).") from err
+    return rows
+
+
+def load_requests(kind: str, path: Path | str | None = None) -> list[Request]:
+    """Every request of one side (``"harmful"`` or ``"harmless"``) of the main set, in file order."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
+    path = Path(path) if path is not None else (HARMFUL_PATH if kind == "harmful" else HARMLESS_PATH)
+    return [Request(id=row["id"], kind=kind, category=row["category"], text=row["text"].strip(),
+                    contrast=bool(row.get("contrast", False)), form=row.get("form"))
+            for row in _read_jsonl(path)]
+
+
+def load_style_shift_requests(path: Path | str = STYLE_SHIFT_PATH) -> list[Request]:
+    """The style-shift test set (both sides), in file order."""
+    out = []
+    for row in _read_jsonl(Path(path)):
+        if row["kind"] not in KINDS:
+            raise ValueError(f"{path}: request {row['id']} has kind {row['kind']!r}; expected one of {KINDS}.")
+        out.append(Request(id=row["id"], kind=row["kind"], category=row["category"], text=row["text"].strip(),
+                           contrast=bool(row.get("contrast", False)), style=row.get("style")))
+    return out
+
+
+def load_style_shift(path: Path | str = STYLE_SHIFT_PATH) -> dict[str, list[str]]:
+    """The style-shift test set as ``{"harmful": [...], "harmless": [...]}`` (texts)."""
+    requests = load_style_shift_requests(path)
+    return {kind: [r.text for r in requests if r.kind == kind] for kind in KINDS}
+
+
+# --------------------------------------------------------------------------------------------------
+# Near-duplicates and splits
+# --------------------------------------------------------------------------------------------------
+
+
+def word_set(text: str) -> frozenset[str]:
+    """Lower-cased words (letters, digits, apostrophes) of ``text``."""
+    return frozenset(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    """|a ∩ b| / |a ∪ b| (0 for two empty sets)."""
+    union = len(a | b)
+    return len(a & b) / union if union else 0.0
+
+
+def near_duplicate_groups(texts: Sequence[str], threshold: float = NEAR_DUPLICATE_JACCARD) -> list[int]:
+    """A group id per text: texts linked by a chain of word-set Jaccard ≥ ``threshold`` share one.
+
+    Group ids are the index of the group's first member, so they are stable under a fixed order.
+    """
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}.")
+    sets = [word_set(t) for t in texts]
+    parent = list(range(len(texts)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(len(sets)):
+        for j in range(i + 1, len(sets)):
+            if jaccard(sets[i], sets[j]) >= threshold:
+                a, b = root(i), root(j)
+                parent[max(a, b)] = min(a, b)
+    return [root(i) for i in range(len(texts))]
+
+
+def split_requests(requests: Sequence[Request], fractions: Mapping[str, float] = SPLIT_FRACTIONS, *,
+                   seed: int = SPLIT_SEED,
+                   threshold: float = NEAR_DUPLICATE_JACCARD) -> dict[str, list[Request]]:
+    """Split ``requests`` into ``fractions`` (e.g. train/val/test), by request.
+
+    * Near-duplicates (:func:`near_duplicate_groups` over *all* the requests, both sides) form
+      groups that are assigned whole, so no request has a near-duplicate in another split.
+    * Each stratum — (kind, category, contrast) of a group's first member — is split on its own,
+      so every category and the contrast requests appear in every split in proportion.
+    * Deterministic: groups are shuffled with a seeded RNG per stratum (string seeds hash the same
+      in every Python process) and each goes to the split furthest below its share.
+
+    Returns ``{split: [Request, ...]}`` in the input order within each split.
+    """
+    total = sum(fractions.values())
+    if not fractions or any(f < 0 for f in fractions.values()) or abs(total - 1) > 1e-9:
+        raise ValueError(f"fractions must be non-negative and sum to 1, got {dict(fractions)}.")
+    ids = [r.id for r in requests]
+    if len(set(ids)) != len(ids):
+        raise ValueError("split_requests: request ids must be unique.")
+    groups = near_duplicate_groups([r.text for r in requests], threshold)
+    members: dict[int, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    strata: dict[tuple, list[int]] = {}
+    for group in sorted(members):
+        first = requests[group]
+        strata.setdefault((first.kind, first.category, first.contrast), []).append(group)
+    assignment: dict[int, str] = {}
+    for stratum in sorted(strata):
+        stratum_groups = strata[stratum]
+        random.Random(f"{seed}|{'|'.join(map(str, stratum))}").shuffle(stratum_groups)
+        counts = {name: 0 for name in fractions}
+        placed = 0
+        for group in stratum_groups:
+            size = len(members[group])
+            placed += size
+            name = max(fractions, key=lambda s: (fractions[s] * placed - counts[s], fractions[s]))
+            counts[name] += size
+            for index in members[group]:
+                assignment[index] = name
+    return {name: [r for i, r in enumerate(requests) if assignment[i] == name] for name in fractions}
+
+
+def load_split_requests() -> dict[str, dict[str, list[Request]]]:
+    """The main set split into train/val/test: ``{split: {"harmful": [...], "harmless": [...]}}``."""
+    requests = load_requests("harmful") + load_requests("harmless")
+    splits = split_requests(requests)
+    return {s: {k: [r for r in splits[s] if r.kind == k] for k in KINDS} for s in SPLITS}
+
+
+def load_instructions() -> dict[str, dict[str, list[str]]]:
+    """This project's request texts by split and side: ``{split: {"harmful": [...], "harmless": [...]}}``.
+
+    The safety-tuning adapter is trained on ``train``; the refusal direction is computed on
+    ``train`` and selected on ``val``; ``test`` (and :func:`load_style_shift`) are held out.
+    """
+    return {s: {k: [r.text for r in rs] for k, rs in sides.items()} for s, sides in load_split_requests().items()}
