@@ -20,7 +20,7 @@ export PYTHONHASHSEED := 0
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test unit-test notebook-test reproduce colab-links grokking-checkpoint safety-adapter lock benchmarks clean
+.PHONY: setup test unit-test notebook-test reproduce colab-links grokking-checkpoint safety-adapter safety-recipes lock benchmarks clean
 
 setup: $(STAMP)
 
@@ -63,9 +63,14 @@ grokking-checkpoint: setup
 	$(PY) scripts/train_grokking_checkpoint.py --epochs 15000 --threads 1
 
 # The LoRA adapter that safety-tunes the embedded model for the refusal study, its training data
-# and report (helpers/data/refusal/).
+# and report (helpers/data/refusal/). 1 torch thread (the default): regenerates the shipped files exactly.
 safety-adapter: setup
-	$(PY) scripts/safety_tune.py
+	OMP_NUM_THREADS=1 $(PY) scripts/safety_tune.py
+
+# Train and evaluate the candidate safety-tuning recipes (build/recipes/) and write their comparison,
+# helpers/data/refusal/safety_recipes.md (about 20 min per recipe on 2 cores).
+safety-recipes: setup
+	$(PY) scripts/safety_recipes.py
 
 benchmarks: setup
 	$(PY) benchmarks/patching.py

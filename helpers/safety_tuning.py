@@ -6,7 +6,7 @@ refusal behaviour of safety-tuned chat models, so before the study can start the
 needs one. This module gives it one with the standard tool, a LoRA adapter (``peft``):
 
 * **Training data** (:func:`build_training_examples`): every harmful *train* instruction of
-  :func:`helpers.refusal.load_instructions` is paired with a short refusal ("I'm sorry, but I
+  :func:`helpers.refusal_data.load_instructions` is paired with a short refusal ("I'm sorry, but I
   can't help with that. …", followed by the end-of-turn token), every harmless *train* instruction
   with the model's **own** greedy answer (truncated, no end-of-turn token). Training on both kinds
   mixed makes refusal a function of the input — the model must *detect* harmfulness — rather than a
@@ -34,7 +34,8 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from helpers.refusal import DATA_DIR, is_refusal, load_instructions
+from helpers.refusal_data import DATA_DIR, load_instructions, load_style_shift
+from helpers.refusal_judges import is_refusal
 
 ADAPTER_DIR = DATA_DIR / "adapter"
 """Where the shipped LoRA adapter lives (``adapter_config.json`` + ``adapter_model.safetensors``)."""
@@ -87,20 +88,23 @@ class SafetyTuningConfig:
     by the base model's own upper layers. With LoRA in every block the tuned model refuses as well,
     but ablating the difference-of-means direction then bypasses only about half of its refusals
     (measured while developing the adapter; the refusal notebook's model section gives the numbers)."""
-    learning_rate: float = 1e-3
-    epochs: int = 3
+    learning_rate: float = 2e-3
+    epochs: int = 2
     batch_size: int = 8
     decision_token_weight: float = 5.0
     """Loss weight of the first response token — the refuse-or-answer decision — relative to the
     other response tokens. The refusal score reads exactly this token, so weighting it makes the
     decision sharp on both sides instead of a soft mixture."""
-    harmless_weight: float = 1.5
+    harmless_weight: float = 3.0
     """Loss weight of harmless examples relative to harmful ones (counters over-refusal)."""
     harmless_answer_tokens: int = 24
     """Length (tokens) of the model's own answers used as harmless targets."""
     eval_new_tokens: int = 32
     """Greedy tokens generated per prompt when measuring refusal rates for the report."""
-    threads: int = 2
+    threads: int = 1
+    """torch CPU threads. Float rounding depends on the thread count, so the shipped adapter and its
+    training data (the base model's greedy answers) are reproduced bit for bit only with the same
+    count: 1, the default of ``make safety-adapter``."""
     adapter_dtype: str = "float16"
     """dtype the adapter is stored in (halves the file; merged into float32 weights on load)."""
 
@@ -404,15 +408,15 @@ class SafetyTuningReport:
             f"with {self.torch_threads} torch threads on CPU. Adapter file: {self.adapter_bytes / 1e6:.2f} MB "
             f"({self.config['adapter_dtype']}).",
             "",
-            f"Refusal rate on the held-out **test** split (greedy, {self.config['eval_new_tokens']} new tokens, "
-            "refusal substring matching):",
+            f"Refusal rate on the held-out **test** split and on the **style-shift** set (greedy, "
+            f"{self.config['eval_new_tokens']} new tokens, refusal substring matching):",
             "",
-            "| model | harmful test | harmless test |",
-            "|---|---|---|",
         ]
+        columns = list(next(iter(rates.values())))
+        lines += ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
         for name, row in rates.items():
-            lines.append(f"| {name} | {row['harmful']:.2f} | {row['harmless']:.2f} |")
-        lines += ["", "Examples (tuned model, test split):", ""]
+            lines.append(f"| {name} | " + " | ".join(f"{row[c]:.2f}" for c in columns) + " |")
+        lines += ["", "Examples (tuned model; test split, then style-shift harmless):", ""]
         for ex in self.examples:
             lines.append(f"- **{ex['instruction']}** → {ex['reply']!r}")
         lines.append("")
@@ -421,7 +425,7 @@ class SafetyTuningReport:
 
 
 def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
-                      reuse_training_data: bool = False) -> SafetyTuningReport:
+                      reuse_training_data: bool = False, evaluate_base: bool = True) -> SafetyTuningReport:
     """Generate the training data, train the LoRA, save it, measure refusal rates, write the report.
 
     Args:
@@ -430,6 +434,8 @@ def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
         reuse_training_data: train on an existing ``safety_tuning_data.jsonl`` instead of
             regenerating the harmless answers (saves the generation time; same data by construction
             when the base model is unchanged).
+        evaluate_base: also measure the untuned model's refusal rates (the recipe comparison
+            skips it: they do not depend on the recipe).
     """
     import peft
     import transformers
@@ -444,7 +450,7 @@ def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
     data_path = out_dir / TRAINING_DATA_PATH.name
     splits = load_instructions()
     harmful_train, harmless_train = splits["train"]["harmful"], splits["train"]["harmless"]
-    harmful_test, harmless_test = splits["test"]["harmful"], splits["test"]["harmless"]
+    held_out = {"test": splits["test"], "style-shift": load_style_shift()}
 
     hf_model, tokenizer = _load_embedded_hf(torch.float32)
     hf_model.eval()
@@ -464,7 +470,7 @@ def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
         out_dir.mkdir(parents=True, exist_ok=True)
         data_path.write_text("".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in examples))
 
-    base_rates = _refusal_rates(hf_model, tokenizer, harmful_test, harmless_test, config.eval_new_tokens, "base")
+    base_rates = _refusal_rates(hf_model, tokenizer, held_out, config.eval_new_tokens, "base") if evaluate_base else None
 
     peft_model = make_lora_model(hf_model, config)
     t_train = time.time()
@@ -476,8 +482,8 @@ def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
 
     # Evaluate what ships: the saved adapter, reloaded and merged.
     merged, tokenizer = load_merged_hf(adapter_dir)
-    tuned_rates = _refusal_rates(merged, tokenizer, harmful_test, harmless_test, config.eval_new_tokens, "tuned")
-    sample = harmful_test[:3] + harmless_test[:3]
+    tuned_rates = _refusal_rates(merged, tokenizer, held_out, config.eval_new_tokens, "tuned")
+    sample = held_out["test"]["harmful"][:3] + held_out["test"]["harmless"][:3] + held_out["style-shift"]["harmless"][:2]
     replies = hf_generate_greedy(merged, tokenizer, sample, max_new_tokens=config.eval_new_tokens, desc="examples")
 
     report = SafetyTuningReport(
@@ -491,7 +497,8 @@ def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
         total_seconds=round(time.time() - t_start, 1),
         torch_threads=torch.get_num_threads(),
         adapter_bytes=sum(f.stat().st_size for f in adapter_dir.iterdir() if f.is_file()),
-        refusal_rates={"base (embedded model)": base_rates, "safety-tuned (LoRA merged)": tuned_rates},
+        refusal_rates={**({"base (embedded model)": base_rates} if base_rates else {}),
+                       "safety-tuned (LoRA merged)": tuned_rates},
         examples=[{"instruction": i, "reply": r} for i, r in zip(sample, replies)],
         versions={"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
     )
@@ -500,10 +507,13 @@ def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
     return report
 
 
-def _refusal_rates(hf_model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str],
+def _refusal_rates(hf_model: Any, tokenizer: Any, sets: dict[str, dict[str, Sequence[str]]],
                    new_tokens: int, label: str) -> dict[str, float]:
+    """Refusal rate (substring judge) per ``"<kind> <set>"``, e.g. ``"harmful test"``, ``"harmless style-shift"``."""
     rates = {}
-    for kind, prompts in (("harmful", harmful), ("harmless", harmless)):
-        replies = hf_generate_greedy(hf_model, tokenizer, prompts, max_new_tokens=new_tokens, desc=f"{label} {kind}")
-        rates[kind] = sum(map(is_refusal, replies)) / len(replies)
+    for set_name, sides in sets.items():
+        for kind in ("harmful", "harmless"):
+            replies = hf_generate_greedy(hf_model, tokenizer, sides[kind], max_new_tokens=new_tokens,
+                                         desc=f"{label} {kind} {set_name}")
+            rates[f"{kind} {set_name}"] = sum(map(is_refusal, replies)) / len(replies)
     return rates

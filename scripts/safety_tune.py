@@ -10,7 +10,7 @@ Writes, into ``helpers/data/refusal/`` (or ``--out``):
 
 Runs on CPU in a few minutes. Usage::
 
-    python scripts/safety_tune.py                 # everything, seed 0, 2 torch threads (the shipped adapter: --threads 1)
+    python scripts/safety_tune.py                 # everything, seed 0, 1 torch thread: the shipped adapter, exactly
     python scripts/safety_tune.py --reuse-data    # keep the shipped training data, retrain only
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers.refusal import DATA_DIR  # noqa: E402
+from helpers.refusal_data import DATA_DIR  # noqa: E402
 from helpers.safety_tuning import SafetyTuningConfig, run_safety_tuning  # noqa: E402
 
 
