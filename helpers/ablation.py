@@ -603,8 +603,11 @@ def orthogonalize_weights(model: Any, direction: Float[torch.Tensor, "d_model"])
     ``handle.restore()`` or at the end of ``with orthogonalize_weights(model, r): ...``.
     The original parameter objects are kept, so restoring is exact.
     """
-    r = unit_direction(direction, model.cfg.d_model)
-    handle = OrthogonalizedWeights(model, r)
+    return _applied(OrthogonalizedWeights(model, unit_direction(direction, model.cfg.d_model)))
+
+
+def _applied(handle: OrthogonalizedWeights) -> OrthogonalizedWeights:
+    """Apply a weight edit; if it fails half-way, put every parameter back before re-raising."""
     try:
         handle._apply()
     except Exception:
@@ -644,11 +647,4 @@ def affine_edit_weights(model: Any, direction: Float[torch.Tensor, "d_model"], v
     if hasattr(model, "pos_embed"):
         raise NotImplementedError("affine_edit_weights: a learned position embedding also writes to the stream; "
                                   "put the shift in one of the two by hand, or use affine_ablation_hooks.")
-    handle = AffineEditedWeights(model, r, float(value))
-    try:
-        handle._apply()
-    except Exception:
-        handle.active = True
-        handle.restore()
-        raise
-    return handle
+    return _applied(AffineEditedWeights(model, r, float(value)))  # type: ignore[return-value]
