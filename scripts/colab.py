@@ -34,13 +34,14 @@ STUDIES = [
          paper="Wang et al. 2022", paper_model="GPT-2 small", embedded_model="SmolLM2-135M-Instruct",
          runtime_embedded="6.0 min [≈1]", runtime_ci="2.5–3.0 min [≈1]", status="reproduced on the embedded model"),
     dict(notebook="03_refusal_direction", study="Refusal is mediated by a single direction",
-         paper="Arditi et al. 2024", paper_model="Gemma-2B-it (Qwen-1.8B-chat by one parameter)",
+         paper="Arditi et al. 2024 (+ ACE, Marshall et al. 2024)", paper_model="Gemma-2B-it (Qwen-1.8B-chat by one parameter)",
          embedded_model="SmolLM2-135M-Instruct + project LoRA safety tuning (lower half of the blocks)",
-         runtime_embedded="26.6 min [≈1]", runtime_ci="2.1 min [≈2]",
-         status="partly reproduced on the safety-tuned embedded model, with two stated deviations (KL filter relaxed to "
-                "0.5; massive-activation dim 507 zeroed in r). embedded, 60 held-out prompts per side: ablating r "
-                "cuts harmful refusal 0.92 → 0.40 (partial bypass), adding r makes harmless prompts refuse "
-                "0.23 → 0.98; harmless KL 0.17 nats, Wikipedia loss +4.4% (paper's Qwen-1.8B: +0.4%)"),
+         runtime_embedded="not run since the rewrite", runtime_ci="17.2 min under load (committed outputs: this ci run)",
+         status="partly reproduced on the safety-tuned embedded model. Recipe evaluation (`safety_recipes.md`; 64 test "
+                "+ 35 style-shift prompts per side): ablating r cuts harmful refusal 0.88 → 0.02 (test) and 0.94 → 0.03 "
+                "(style-shift); adding r makes harmless prompts refuse 0.17 → 0.77 / 0.60 → 0.91; ACE alike. Not "
+                "reproduced: the KL ≤ 0.1 filter (no candidate passes; lowest 0.196), low over-refusal (harmless 0.22 "
+                "test, 0.55 style-shift), capabilities (harmless KL 0.38, Wikipedia loss +5.6%)"),
     dict(notebook="04_entropy_neurons", study="Entropy & token-frequency neurons",
          paper="Stolfo et al. 2024", paper_model="GPT-2 small", embedded_model="SmolLM2-135M-Instruct",
          runtime_embedded="5.4 min [≈1]", runtime_ci="0.8–1.1 min [≈1]", status="reproduced on the embedded model"),
