@@ -36,7 +36,7 @@ STUDIES = [
     dict(notebook="03_refusal_direction", study="Refusal is mediated by a single direction",
          paper="Arditi et al. 2024 (+ ACE, Marshall et al. 2024)", paper_model="Gemma-2B-it (Qwen-1.8B-chat by one parameter)",
          embedded_model="SmolLM2-135M-Instruct + project LoRA safety tuning (lower half of the blocks)",
-         runtime_embedded="not run since the rewrite", runtime_ci="17.2 min under load (committed outputs: this ci run)",
+         runtime_embedded="not run since the rewrite", runtime_ci="6.5 min (nbconvert, alone; committed outputs: a ci run)",
          status="partly reproduced on the safety-tuned embedded model. Recipe evaluation (`safety_recipes.md`; 64 test "
                 "+ 35 style-shift prompts per side): ablating r cuts harmful refusal 0.88 → 0.02 (test) and 0.94 → 0.03 "
                 "(style-shift); adding r makes harmless prompts refuse 0.17 → 0.77 / 0.60 → 0.91; ACE alike. Not "
