@@ -723,7 +723,7 @@ def study_model_description(paper_model: str, profile: str | None = None) -> str
     return SAFETY_TUNED_DISPLAY_NAME if get_profile(profile).uses_embedded_model else paper_model
 
 
-def _spread(items: Sequence[str], n: int, what: str) -> list[str]:
+def spread_evenly(items: Sequence[str], n: int, what: str) -> list[str]:
     """``n`` of ``items`` taken with a stride, so they spread over the whole (category-ordered) list."""
     if n > len(items):
         raise ValueError(f"{what} has {len(items)} instructions; asked for {n}.")
@@ -744,7 +744,7 @@ def load_study_instructions(run: Any, *, n_train: int, n_val: int, n_test: int) 
     else:
         splits = load_paper_instructions(n_train, n_val, n_test, seed=run.seed)
     sizes = {"train": n_train, "val": n_val, "test": n_test}
-    return {split: {kind: _spread(splits[split][kind], n, f"{split} split, {kind}") for kind in KINDS}
+    return {split: {kind: spread_evenly(splits[split][kind], n, f"{split} split, {kind}") for kind in KINDS}
             for split, n in sizes.items()}
 
 

@@ -52,8 +52,8 @@ def main() -> None:
     t0 = time.time()
     model = load_safety_tuned_model(device="cpu", adapter_dir=args.adapter)
     splits = refusal.load_instructions()
-    val = {k: refusal._spread(v, args.n_val, "val") for k, v in splits["val"].items()}
-    sets = {"test": {k: refusal._spread(v, args.n_test, "test") for k, v in splits["test"].items()},
+    val = {k: refusal.spread_evenly(v, args.n_val, "val") for k, v in splits["val"].items()}
+    sets = {"test": {k: refusal.spread_evenly(v, args.n_test, "test") for k, v in splits["test"].items()},
             "style-shift": refusal.load_study_style_shift(args.n_style)}
     candidates = refusal.candidate_directions(model, splits["train"]["harmful"], splits["train"]["harmless"])
     massive = refusal.massive_activation_dims(model, splits["train"]["harmless"][:16])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -63,8 +64,7 @@ def run_recipe(name: str, config: SafetyTuningConfig, eval_threads: int = 2) -> 
             "c = json.loads(Path(%r).read_text()); c['target_modules'] = tuple(c['target_modules'])\n"
             "run_safety_tuning(SafetyTuningConfig(**c), out_dir=Path(%r), reuse_training_data=True, evaluate_base=False)\n"
             % (str(ROOT), str(folder / "config.json"), str(folder)))
-    env = {"OMP_NUM_THREADS": str(config.threads)}
-    subprocess.run([sys.executable, "-c", code], check=True, env={**__import__("os").environ, **env})
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "OMP_NUM_THREADS": str(config.threads)})
     subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate_safety_adapter.py"), "--adapter",
                     str(folder / "adapter"), "--out", str(folder / "eval.json"), "--threads", str(eval_threads)], check=True)
 
