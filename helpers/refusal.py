@@ -42,7 +42,7 @@ import io
 import json
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
@@ -587,11 +587,13 @@ class AblationCost:
         kl: mean KL(clean ‖ ablated) of the harmless instructions' next-token distributions (nats).
         loss_clean / loss_ablated: mean next-token loss (nats/token) on the corpus without / with
             the ablation.
+        prompt_kl: the KL of each harmless instruction, in the order given (``kl`` is their mean).
     """
 
     kl: float
     loss_clean: float
     loss_ablated: float
+    prompt_kl: tuple[float, ...] = field(default=(), compare=False)
 
     @property
     def loss_increase(self) -> float:
@@ -600,13 +602,29 @@ class AblationCost:
 
 
 @torch.no_grad()
+def intervention_costs(model: Any, interventions: Mapping[str, Sequence[tuple[str, Callable]]],
+                       harmless: Sequence[str], corpus: Any) -> dict[str, AblationCost]:
+    """:func:`intervention_cost` of several interventions (``{name: fwd_hooks}``), with the clean
+    harmless logits and the clean corpus loss computed once for all of them."""
+    if isinstance(interventions, (list, tuple)):
+        raise TypeError("intervention_costs expects a dict {name: fwd_hooks}; for one intervention call "
+                        "intervention_cost(model, fwd_hooks, harmless, corpus).")
+    clean_logits = last_logits(model, harmless)
+    clean_loss = mean_token_loss(model, corpus)
+    costs = {}
+    for name, hooks in interventions.items():
+        kl = kl_per_prompt(last_logits(model, harmless, fwd_hooks=hooks), clean_logits)
+        costs[name] = AblationCost(float(kl.mean()), clean_loss, mean_token_loss(model, corpus, fwd_hooks=hooks),
+                                   tuple(kl.tolist()))
+    return costs
+
+
 def intervention_cost(model: Any, fwd_hooks: Sequence[tuple[str, Callable]], harmless: Sequence[str],
                       corpus: Any) -> AblationCost:
     """Capability cost of an intervention given as ``fwd_hooks``: the KL of the ``harmless``
     instructions' next-token predictions and the loss on ``corpus`` (a ``TokenBatch`` of ordinary
     text, e.g. from :func:`helpers.corpus.load_corpus_tokens`), with and without the hooks."""
-    kl = kl_per_prompt(last_logits(model, harmless, fwd_hooks=fwd_hooks), last_logits(model, harmless)).mean()
-    return AblationCost(float(kl), mean_token_loss(model, corpus), mean_token_loss(model, corpus, fwd_hooks=fwd_hooks))
+    return intervention_costs(model, {"intervention": fwd_hooks}, harmless, corpus)["intervention"]
 
 
 def ablation_cost(model: Any, direction: Float[torch.Tensor, "d_model"], harmless: Sequence[str],

@@ -40,6 +40,9 @@ from helpers.refusal_judges import is_refusal
 ADAPTER_DIR = DATA_DIR / "adapter"
 """Where the shipped LoRA adapter lives (``adapter_config.json`` + ``adapter_model.safetensors``)."""
 
+WEIGHT_DELTA_FILE = "weight_delta.safetensors"
+"""Adapter file of a fully fine-tuned recipe (``SafetyTuningConfig.full_blocks``): trained − base weights."""
+
 TRAINING_DATA_PATH = DATA_DIR / "safety_tuning_data.jsonl"
 REPORT_JSON_PATH = DATA_DIR / "safety_tuning_report.json"
 REPORT_MD_PATH = DATA_DIR / "safety_tuning_report.md"
@@ -88,6 +91,11 @@ class SafetyTuningConfig:
     by the base model's own upper layers. With LoRA in every block the tuned model refuses as well,
     but ablating the difference-of-means direction then bypasses only about half of its refusals
     (measured while developing the adapter; the refusal notebook's model section gives the numbers)."""
+    full_blocks: tuple[int, ...] = ()
+    """Empty (the default): LoRA. Otherwise **full fine-tuning** of ``target_modules`` in these blocks:
+    their whole weight matrices train and nothing else does (``rank``, ``alpha``, ``dropout`` and
+    ``lora_depth`` are then unused). The adapter folder then holds the trained-minus-base weight
+    differences (:data:`WEIGHT_DELTA_FILE`), which :func:`load_merged_hf` adds to the base weights."""
     learning_rate: float = 2e-3
     epochs: int = 2
     batch_size: int = 8
@@ -231,7 +239,7 @@ def weighted_response_loss(peft_model: Any, batch: dict[str, torch.Tensor]) -> t
     The LM head (49k-token vocabulary) runs only at the positions that predict a response token,
     not over the whole prompt: the loss is the same, the step is cheaper.
     """
-    hf_model = peft_model.get_base_model()
+    hf_model = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     hidden = hf_model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets, weights = batch["labels"][:, 1:], batch["weights"][:, 1:]
     predicting = targets != -100
@@ -259,6 +267,44 @@ def make_lora_model(hf_model: Any, config: SafetyTuningConfig) -> Any:
                       target_modules=list(config.target_modules), layers_to_transform=layers,
                       bias="none", task_type="CAUSAL_LM")
     return get_peft_model(hf_model, lora)
+
+
+def full_finetune_parameters(hf_model: Any, config: SafetyTuningConfig) -> dict[str, torch.nn.Parameter]:
+    """The weights that full fine-tuning trains: ``model.layers.{b}.….{module}.weight`` for every block
+    ``b`` in ``config.full_blocks`` and module name in ``config.target_modules``."""
+    n_layers = hf_model.config.num_hidden_layers
+    bad = [b for b in config.full_blocks if not 0 <= b < n_layers]
+    if bad:
+        raise ValueError(f"SafetyTuningConfig.full_blocks has {bad}, outside the model's blocks 0–{n_layers - 1}.")
+    wanted = {}
+    for name, param in hf_model.named_parameters():
+        parts = name.split(".")
+        if (len(parts) > 3 and parts[-1] == "weight" and parts[-2] in config.target_modules
+                and parts[1] == "layers" and int(parts[2]) in config.full_blocks):
+            wanted[name] = param
+    missing = {m for m in config.target_modules if not any(n.split(".")[-2] == m for n in wanted)}
+    if missing:
+        raise ValueError(f"SafetyTuningConfig.target_modules {sorted(missing)} match no weight in blocks "
+                         f"{list(config.full_blocks)}; module names look like 'q_proj', 'down_proj'.")
+    return wanted
+
+
+def make_full_finetune_model(hf_model: Any, config: SafetyTuningConfig) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``hf_model`` with only :func:`full_finetune_parameters` trainable, and a copy of their
+    initial values (to save the differences after training)."""
+    torch.manual_seed(config.seed)
+    trainable = full_finetune_parameters(hf_model, config)
+    for name, param in hf_model.named_parameters():
+        param.requires_grad_(name in trainable)
+    return hf_model, {name: param.detach().clone() for name, param in trainable.items()}
+
+
+def make_trainable_model(hf_model: Any, config: SafetyTuningConfig) -> tuple[Any, dict[str, torch.Tensor] | None]:
+    """The model to train and, for full fine-tuning, the initial weights: LoRA unless
+    ``config.full_blocks`` is set."""
+    if config.full_blocks:
+        return make_full_finetune_model(hf_model, config)
+    return make_lora_model(hf_model, config), None
 
 
 def train_lora(peft_model: Any, tokenizer: Any, examples: Sequence[TrainingExample],
@@ -325,16 +371,54 @@ def save_adapter(peft_model: Any, folder: Path, dtype: str = "float16") -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def save_weight_delta(model: Any, initial: dict[str, torch.Tensor], folder: Path, dtype: str = "float16") -> None:
+    """Save ``trained − initial`` of the fully fine-tuned weights (:data:`WEIGHT_DELTA_FILE`) in ``dtype``."""
+    from safetensors.torch import save_file
+
+    params = dict(model.named_parameters())
+    delta = {name: (params[name].detach() - start).to(getattr(torch, dtype)).contiguous()
+             for name, start in sorted(initial.items())}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(delta, str(folder / WEIGHT_DELTA_FILE),
+              metadata={"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct (embedded GGUF Q4_1, float32)",
+                        "content": "fine-tuned minus base weights; add to the base model's parameters"})
+
+
+def add_weight_delta(hf_model: Any, path: Path) -> Any:
+    """Add the differences saved by :func:`save_weight_delta` to ``hf_model``'s weights (in place)."""
+    from safetensors.torch import load_file
+
+    delta = load_file(str(path))
+    params = dict(hf_model.named_parameters())
+    unknown = sorted(set(delta) - set(params))
+    if unknown:
+        raise ValueError(f"{path} holds weights this model does not have ({unknown[:3]}…); it was made for "
+                         "another base model.")
+    with torch.no_grad():
+        for name, diff in delta.items():
+            if diff.shape != params[name].shape:
+                raise ValueError(f"{path}: {name} has shape {tuple(diff.shape)}, the model's is "
+                                 f"{tuple(params[name].shape)}.")
+            params[name].add_(diff.to(params[name].dtype))
+    return hf_model
+
+
 def load_merged_hf(adapter_dir: Path | str = ADAPTER_DIR, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """The embedded model with the safety-tuning adapter merged into its weights (HF model, tokenizer)."""
+    """The embedded model with the safety-tuning adapter merged into its weights (HF model, tokenizer).
+
+    ``adapter_dir`` holds either a LoRA adapter (``adapter_config.json``, merged with ``peft``) or
+    the weight differences of a fully fine-tuned recipe (:data:`WEIGHT_DELTA_FILE`)."""
     from peft import PeftModel
 
     from helpers.models import _load_embedded_hf
 
     adapter_dir = Path(adapter_dir)
+    if (adapter_dir / WEIGHT_DELTA_FILE).is_file():
+        hf_model, tokenizer = _load_embedded_hf(torch.float32)
+        return add_weight_delta(hf_model, adapter_dir / WEIGHT_DELTA_FILE).to(dtype).eval(), tokenizer
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(
-            f"No LoRA adapter in {adapter_dir} (adapter_config.json missing). Regenerate it with "
+            f"No adapter in {adapter_dir} (neither adapter_config.json nor {WEIGHT_DELTA_FILE}). Regenerate it with "
             "`make safety-adapter` (python scripts/safety_tune.py), or reinstall the package data."
         )
     hf_model, tokenizer = _load_embedded_hf(torch.float32)
@@ -386,7 +470,14 @@ class SafetyTuningReport:
     examples: list[dict[str, str]] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
 
+    def _method(self) -> str:
+        if self.config.get("full_blocks"):
+            return "Full fine-tuning (every weight of the matrices)"
+        return f"LoRA rank {self.config['rank']} (alpha {self.config['alpha']})"
+
     def _blocks(self) -> str:
+        if self.config.get("full_blocks"):
+            return "blocks " + ", ".join(map(str, self.config["full_blocks"]))
         depth = self.config.get("lora_depth", 1.0)
         return "every block" if depth >= 1 else f"the first {depth:.0%} of the blocks"
 
@@ -395,8 +486,7 @@ class SafetyTuningReport:
         lines = [
             "# Safety-tuning report (generated by `scripts/safety_tune.py`; do not edit)",
             "",
-            f"LoRA rank {self.config['rank']} (alpha {self.config['alpha']}) on "
-            f"{', '.join(self.config['target_modules'])} of {self._blocks()}; seed {self.config['seed']}; "
+            f"{self._method()} on {', '.join(self.config['target_modules'])} of {self._blocks()}; seed {self.config['seed']}; "
             f"{self.steps} steps of {self.config['batch_size']} examples ({self.config['epochs']} epochs); "
             f"lr {self.config['learning_rate']}; loss weight {self.config.get('decision_token_weight', 1.0)} on the "
             f"first response token (the decision), {self.config.get('harmless_weight', 1.0)} on harmless examples.",
@@ -472,12 +562,15 @@ def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
 
     base_rates = _refusal_rates(hf_model, tokenizer, held_out, config.eval_new_tokens, "base") if evaluate_base else None
 
-    peft_model = make_lora_model(hf_model, config)
+    peft_model, initial = make_trainable_model(hf_model, config)
     t_train = time.time()
     losses = train_lora(peft_model, tokenizer, examples, config)
     train_seconds = time.time() - t_train
     adapter_dir = out_dir / "adapter"
-    save_adapter(peft_model, adapter_dir, config.adapter_dtype)
+    if initial is None:
+        save_adapter(peft_model, adapter_dir, config.adapter_dtype)
+    else:
+        save_weight_delta(peft_model, initial, adapter_dir, config.adapter_dtype)
     del peft_model, hf_model
 
     # Evaluate what ships: the saved adapter, reloaded and merged.
@@ -487,7 +580,7 @@ def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
     replies = hf_generate_greedy(merged, tokenizer, sample, max_new_tokens=config.eval_new_tokens, desc="examples")
 
     report = SafetyTuningReport(
-        config={**asdict(config), "target_modules": list(config.target_modules)},
+        config={**asdict(config), "target_modules": list(config.target_modules), "full_blocks": list(config.full_blocks)},
         n_train_harmful=sum(e.kind == "harmful" for e in examples),
         n_train_harmless=sum(e.kind == "harmless" for e in examples),
         n_dropped_harmless=n_dropped,
@@ -498,7 +591,7 @@ def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
         torch_threads=torch.get_num_threads(),
         adapter_bytes=sum(f.stat().st_size for f in adapter_dir.iterdir() if f.is_file()),
         refusal_rates={**({"base (embedded model)": base_rates} if base_rates else {}),
-                       "safety-tuned (LoRA merged)": tuned_rates},
+                       ("safety-tuned (weights updated)" if config.full_blocks else "safety-tuned (LoRA merged)"): tuned_rates},
         examples=[{"instruction": i, "reply": r} for i, r in zip(sample, replies)],
         versions={"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
     )

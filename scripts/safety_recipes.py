@@ -33,6 +33,11 @@ RECIPES: dict[str, tuple[str, SafetyTuningConfig]] = {
     "half-qvd-r8": ("LoRA r8 on q/v/down_proj, blocks 0–14, lr 1e-3, harmless weight 1.5 (the previous adapter's settings)", V1),
     "half-qvd-r8-lr2-hw3": ("as half-qvd-r8, lr 2e-3, harmless weight 3", replace(V1, learning_rate=2e-3, harmless_weight=3.0)),
     "all-qvd-r8-lr2-hw3": ("as half-qvd-r8-lr2-hw3, every block", replace(V1, learning_rate=2e-3, harmless_weight=3.0, lora_depth=1.0)),
+    "half-qvd-r8-lr2-hw3-1ep": ("as half-qvd-r8-lr2-hw3, one epoch (half the steps)",
+                                replace(V1, learning_rate=2e-3, harmless_weight=3.0, epochs=1)),
+    "full-down-b12-13-lr1e-4": ("full fine-tuning of down_proj in blocks 12 and 13 (3.5 M weights), lr 1e-4, harmless weight 3",
+                                replace(V1, full_blocks=(12, 13), target_modules=("down_proj",), learning_rate=1e-4,
+                                        harmless_weight=3.0)),
     "half-mlp-r16-lr2-hw3": ("LoRA r16 on gate/up/down_proj, blocks 0–14, lr 2e-3, harmless weight 3",
                              replace(V1, rank=16, alpha=32, target_modules=("gate_proj", "up_proj", "down_proj"),
                                      learning_rate=2e-3, harmless_weight=3.0)),
@@ -61,7 +66,7 @@ def run_recipe(name: str, config: SafetyTuningConfig, eval_threads: int = 2) -> 
     (folder / "config.json").write_text(json.dumps(asdict(config), indent=1, default=list) + "\n")
     code = ("import json,sys; from pathlib import Path; sys.path.insert(0, %r)\n"
             "from helpers.safety_tuning import SafetyTuningConfig, run_safety_tuning\n"
-            "c = json.loads(Path(%r).read_text()); c['target_modules'] = tuple(c['target_modules'])\n"
+            "c = json.loads(Path(%r).read_text()); c['target_modules'] = tuple(c['target_modules']); c['full_blocks'] = tuple(c['full_blocks'])\n"
             "run_safety_tuning(SafetyTuningConfig(**c), out_dir=Path(%r), reuse_training_data=True, evaluate_base=False)\n"
             % (str(ROOT), str(folder / "config.json"), str(folder)))
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "OMP_NUM_THREADS": str(config.threads)})
@@ -91,7 +96,7 @@ def write_table() -> None:
             continue
         values = json.loads(path.read_text())
         report = json.loads((OUT / name / "safety_tuning_report.json").read_text())
-        values.update(report["refusal_rates"]["safety-tuned (LoRA merged)"])  # the whole held-out sets
+        values.update(next(v for k, v in report["refusal_rates"].items() if k.startswith("safety-tuned")))  # whole held-out sets
         row = [cell(values, keys, fmt) for _, keys, fmt in COLUMNS]
         if values.get("fallback"):
             row[2] += " (none passes KL ≤ 0.1: lowest-KL candidate)"

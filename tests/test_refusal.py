@@ -621,3 +621,70 @@ def test_select_direction_falls_back_to_the_lowest_kl_steering_candidate_only_wh
     assert normal.fallback is None
     with pytest.raises(ValueError, match="if_none_pass"):
         R.select_direction(tiny, cands, HARMFUL, HARMLESS, layers=[1], if_none_pass="closest")
+
+
+def test_intervention_costs_share_the_clean_pass_and_match_one_at_a_time(tiny):
+    from helpers.ablation import direction_ablation_hooks
+    from helpers.prompts import tokenize
+
+    corpus = tokenize(tiny, ["The cat sat on the mat.", "Hello there, how are you today?"])
+    gen = torch.Generator().manual_seed(3)
+    hooks = {f"d{i}": direction_ablation_hooks(tiny, torch.randn(tiny.cfg.d_model, generator=gen)) for i in range(2)}
+    together = R.intervention_costs(tiny, hooks, HARMLESS, corpus)
+    for name, h in hooks.items():
+        alone = R.intervention_cost(tiny, h, HARMLESS, corpus)
+        assert math.isclose(together[name].kl, alone.kl, rel_tol=1e-5)
+        assert math.isclose(together[name].loss_ablated, alone.loss_ablated, rel_tol=1e-6)
+        assert len(alone.prompt_kl) == len(HARMLESS)
+        assert math.isclose(sum(alone.prompt_kl) / len(HARMLESS), alone.kl, rel_tol=1e-5)
+    naive = R.kl_per_prompt(R.last_logits(tiny, HARMLESS, fwd_hooks=hooks["d1"]), R.last_logits(tiny, HARMLESS))
+    torch.testing.assert_close(torch.tensor(together["d1"].prompt_kl), naive, rtol=1e-5, atol=1e-7)
+    with pytest.raises(TypeError, match="dict"):
+        R.intervention_costs(tiny, list(hooks.values()), HARMLESS, corpus)
+
+
+def test_lora_training_is_bit_for_bit_repeatable(tmp_path):
+    """What ``make safety-adapter`` relies on: the same config and data give the same adapter bytes."""
+    import hashlib
+
+    from helpers.models import _embedded_tokenizer, _tiny_hf_model
+
+    tokenizer = _embedded_tokenizer()
+    config = S.SafetyTuningConfig(rank=4, alpha=8, learning_rate=3e-2, epochs=2, batch_size=4, threads=1, lora_depth=1.0)
+    examples = S.build_training_examples(HARMFUL, HARMLESS, ["Sure, first you need wood.", "Use soap and water.",
+                                                             "Be patient and reward it.", "Roses are red."], seed=0)
+    digests = []
+    for run in range(2):
+        peft_model = S.make_lora_model(_tiny_hf_model("tiny-llama", 0, tokenizer), config)
+        S.train_lora(peft_model, tokenizer, examples, config)
+        S.save_adapter(peft_model, tmp_path / str(run), config.adapter_dtype)
+        digests.append(hashlib.sha256((tmp_path / str(run) / "adapter_model.safetensors").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+
+
+def test_full_finetuning_trains_only_the_chosen_matrices_and_its_delta_reloads(tmp_path):
+    from helpers.models import _embedded_tokenizer, _tiny_hf_model
+
+    tokenizer = _embedded_tokenizer()
+    hf = _tiny_hf_model("tiny-llama", 0, tokenizer)
+    before = {n: p.detach().clone() for n, p in hf.named_parameters()}
+    config = S.SafetyTuningConfig(full_blocks=(1,), target_modules=("down_proj", "q_proj"), learning_rate=1e-2,
+                                  epochs=4, batch_size=4, threads=1, adapter_dtype="float32")
+    examples = S.build_training_examples(HARMFUL, HARMLESS, ["Sure, first you need wood.", "Use soap and water.",
+                                                             "Be patient and reward it.", "Roses are red."], seed=0)
+    model, initial = S.make_trainable_model(hf, config)
+    assert sorted(initial) == ["model.layers.1.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+    losses = S.train_lora(model, tokenizer, examples, config)
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed == set(initial)
+    S.save_weight_delta(model, initial, tmp_path, "float32")
+    fresh = _tiny_hf_model("tiny-llama", 0, tokenizer)
+    S.add_weight_delta(fresh, tmp_path / S.WEIGHT_DELTA_FILE)
+    batch = tokenizer(["Hello there"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="full_blocks"):
+        S.full_finetune_parameters(hf, S.SafetyTuningConfig(full_blocks=(99,)))
+    with pytest.raises(ValueError, match="match no weight"):
+        S.full_finetune_parameters(hf, S.SafetyTuningConfig(full_blocks=(0,), target_modules=("dense_h_to_4h",)))
