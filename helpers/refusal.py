@@ -452,12 +452,13 @@ def select_direction(model: Any, candidates: CandidateDirections, harmful_val: S
     if kept.empty:
         steer = table[table["steering_score"] >= steering_threshold] if if_none_pass == "lowest_kl" else table.iloc[:0]
         if steer.empty:
-            raise RuntimeError(
-                "select_direction: every candidate was filtered out (KL, steering score or layer). Inspect "
-                "`table` (returned in the error's args), evaluate more candidates, or pass "
-                "if_none_pass='lowest_kl' to take the steering candidate closest to the KL filter.",
-                table,
-            )
+            hint = (f"and none reaches the steering threshold ({steering_threshold}) either, so there is no "
+                    "fallback: adding any candidate does not induce refusal. Inspect `table` (returned in the "
+                    "error's args) or evaluate more candidates." if if_none_pass == "lowest_kl" else
+                    "Inspect `table` (returned in the error's args), evaluate more candidates, or pass "
+                    "if_none_pass='lowest_kl' to take the steering candidate closest to the KL filter.")
+            raise RuntimeError(f"select_direction: every candidate was filtered out (KL, steering score or layer), {hint}",
+                               table)
         best = steer.loc[steer["kl"].idxmin()]
         fallback = (f"no candidate passes KL ≤ {kl_threshold}; took the steering candidate with the lowest KL "
                     f"({best['kl']:.3f} nats) instead of the lowest ablation refusal score")

@@ -65,8 +65,22 @@ def main() -> None:
     if massive:
         candidates = candidates.without_dims([m.dim for m in massive])
     start, stop, step = (int(x) for x in args.layers.split(":"))
-    selection = refusal.select_direction(model, candidates, val["harmful"], val["harmless"],
-                                         layers=range(start, stop, step), kl_threshold=args.kl, if_none_pass="lowest_kl")
+    try:
+        selection = refusal.select_direction(model, candidates, val["harmful"], val["harmless"],
+                                             layers=range(start, stop, step), kl_threshold=args.kl,
+                                             if_none_pass="lowest_kl")
+    except RuntimeError as err:  # not one candidate steers: there is no direction to evaluate further
+        scored = err.args[1] if len(err.args) > 1 else None
+        result = {"adapter": str(args.adapter), "kl_filter": args.kl, "selection_failed": str(err.args[0]),
+                  "massive_dims": [m.dim for m in massive], "seconds": round(time.time() - t0, 1)}
+        if scored is not None:
+            result["largest_steering_score"] = float(scored["steering_score"].max())
+            result["n_candidates_scored"] = int(scored["kl"].notna().sum())
+            result["selection_table"] = scored.drop(columns=["discarded"]).round(4).to_dict(orient="records")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in result.items() if k != "selection_table"}, indent=1))
+        return
     table = selection.table
     r, layer, position = selection.direction, selection.layer, selection.position
     chosen = table.set_index(["position", "layer"]).loc[(position, layer)]

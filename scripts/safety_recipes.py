@@ -103,7 +103,10 @@ def write_table() -> None:
         row = [cell(values, keys, fmt) for _, keys, fmt in COLUMNS]
         if values.get("fallback"):
             row[2] += " (none passes KL ≤ 0.1: lowest-KL candidate)"
-        if "position" not in values:  # an evaluation that stopped at the selection (no candidate passed)
+        if "selection_failed" in values:  # not one candidate steers: no direction to evaluate
+            row[2] = (f"no candidate steers (steering score < 0 for all {values['n_candidates_scored']}; largest "
+                      f"{values['largest_steering_score']:+.2f}); not evaluated further")
+        elif "position" not in values:  # an evaluation that stopped at the selection (no candidate passed)
             row[2] = (f"none passes KL ≤ 0.1 (lowest KL of a steering candidate: "
                       f"{values['smallest_kl_that_steers']:.3f}); not evaluated further")
         lines.append(f"| **{name}**: {description} | " + " | ".join(row) + f" | {report['train_seconds'] / 60:.1f} min |")

