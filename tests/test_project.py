@@ -68,7 +68,7 @@ def test_every_notebook_starts_with_the_setup_cell_and_stays_small():
 def test_no_import_cycle_in_helpers():
     """No module of ``helpers`` imports another that (directly or not) imports it back, counting the
     imports inside functions too: the refusal study and its safety tuning share their data through
-    ``helpers.refusal_data`` instead of importing each other."""
+    ``helpers.studies.refusal.data`` instead of importing each other."""
     import ast
 
     modules = {p.stem: p for p in (ROOT / "helpers").glob("*.py") if p.stem != "__init__"}

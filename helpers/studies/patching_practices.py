@@ -8,7 +8,7 @@ the patching loops themselves live in the toolkit.
 
 API at a glance::
 
-    from helpers import patching_practices as pp
+    from helpers.studies import patching_practices as pp
     checks = pp.check_facts(model, pp.load_facts())          # which facts does the model know?
     task = pp.make_factual_recall_task(model, 16, seed=0)      # clean / STR-corrupted prompts, answers, subject mask
     task = pp.make_ioi_task(model, 16, seed=0)                 # the same for IOI (STR = ABC names)
@@ -410,13 +410,13 @@ def make_ioi_task(
     corruption: Literal["abc", "swap"] = "abc",
     templates: Any = "BABA",
 ) -> PatchingTask:
-    """IOI prompts (:func:`helpers.ioi.make_ioi_dataset`) with their STR counterpart.
+    """IOI prompts (:func:`helpers.studies.ioi.make_ioi_dataset`) with their STR counterpart.
 
     ``corruption="abc"``: the three name slots refilled with three fresh names (Wang et al.'s ABC
     distribution); ``"swap"``: IO and S exchanged (the logit difference flips sign). The answers are
     ``(IO, S)`` of the clean prompt; the key tokens are the IO, S1 and S2 positions.
     """
-    from helpers.ioi import make_ioi_dataset
+    from helpers.studies.ioi import make_ioi_dataset
 
     if corruption not in ("abc", "swap"):
         raise ValueError(f"corruption must be 'abc' or 'swap', got {corruption!r}.")
