@@ -653,7 +653,7 @@ def patching_metrics(
 
 
 def _values(x: Any) -> torch.Tensor:
-    """The plain tensor of a :class:`helpers.patching.LabelledTensor` (or of a tensor/array)."""
+    """The plain tensor of a :class:`helpers.labelled_tensor.LabelledTensor` (or of a tensor/array)."""
     if isinstance(x, torch.Tensor):
         return x.detach().float().cpu()
     values = getattr(x, "values", x)
@@ -1013,7 +1013,7 @@ def most_negative_component(sweep_a: Any, sweep_b: Any) -> MetricBlindSpot:
 
 def restrict_layers(sweep: Any, layers: Sequence[int]) -> Any:
     """The rows of a ``[layer, ...]`` LabelledTensor for ``layers`` (by layer label)."""
-    from helpers.patching import LabelledTensor
+    from helpers.labelled_tensor import LabelledTensor
 
     labels = [int(x) for x in sweep.labels["layer"]]
     rows = [labels.index(int(layer)) for layer in layers]
