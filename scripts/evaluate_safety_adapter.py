@@ -46,12 +46,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from helpers import refusal
+    from helpers.studies.refusal import direction as refusal
     from helpers.ablation import (activation_addition_hooks, affine_ablation_hooks, affine_steering_hooks,
                                   direction_ablation_hooks)
     from helpers.corpus import load_corpus_tokens
-    from helpers.refusal_data import load_harmbench
-    from helpers.safety_tuning import load_safety_tuned_model
+    from helpers.studies.refusal.data import load_harmbench
+    from helpers.studies.refusal.safety_tuning import load_safety_tuned_model
 
     t0 = time.time()
     model = load_safety_tuned_model(device="cpu", adapter_dir=args.adapter)

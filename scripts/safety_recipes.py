@@ -1,6 +1,6 @@
 """Compare safety-tuning recipes on what the refusal study needs (``make safety-recipes``).
 
-Each recipe is a :class:`helpers.safety_tuning.SafetyTuningConfig`; every one is trained on the same
+Each recipe is a :class:`helpers.studies.refusal.safety_tuning.SafetyTuningConfig`; every one is trained on the same
 training examples (``helpers/data/refusal/safety_tuning_data.jsonl``, the harmless answers generated
 once) with 1 torch thread, then evaluated by ``scripts/evaluate_safety_adapter.py`` (the notebook's
 pipeline at a fixed, smaller size). Outputs go to ``build/recipes/<name>/``; the table of all recipes
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from helpers.safety_tuning import TRAINING_DATA_PATH, SafetyTuningConfig  # noqa: E402
+from helpers.studies.refusal.safety_tuning import TRAINING_DATA_PATH, SafetyTuningConfig  # noqa: E402
 
 V1 = SafetyTuningConfig(rank=8, alpha=16, target_modules=("q_proj", "v_proj", "down_proj"), lora_depth=0.5,
                         learning_rate=1e-3, epochs=2, decision_token_weight=5.0, harmless_weight=1.5)
@@ -67,7 +67,7 @@ def run_recipe(name: str, config: SafetyTuningConfig, eval_threads: int = 2) -> 
     shutil.copy(TRAINING_DATA_PATH, folder / TRAINING_DATA_PATH.name)
     (folder / "config.json").write_text(json.dumps(asdict(config), indent=1, default=list) + "\n")
     code = ("import json,sys; from pathlib import Path; sys.path.insert(0, %r)\n"
-            "from helpers.safety_tuning import SafetyTuningConfig, run_safety_tuning\n"
+            "from helpers.studies.refusal.safety_tuning import SafetyTuningConfig, run_safety_tuning\n"
             "c = json.loads(Path(%r).read_text()); c['target_modules'] = tuple(c['target_modules']); c['full_blocks'] = tuple(c['full_blocks'])\n"
             "run_safety_tuning(SafetyTuningConfig(**c), out_dir=Path(%r), reuse_training_data=True, evaluate_base=False)\n"
             % (str(ROOT), str(folder / "config.json"), str(folder)))

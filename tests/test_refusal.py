@@ -1,5 +1,5 @@
-"""Tests of helpers.refusal (data, refusal metrics, directions, selection, generation) and
-helpers.safety_tuning (training data, LoRA training, the shipped adapter).
+"""Tests of helpers.studies.refusal.direction (data, refusal metrics, directions, selection, generation) and
+helpers.studies.refusal.safety_tuning (training data, LoRA training, the shipped adapter).
 
 Fast tests run on the random ``tiny-llama`` model (the embedded model's layout and tokenizer);
 the ones that need the real, safety-tuned embedded model are marked ``embedded``.
@@ -14,10 +14,10 @@ import random
 import pytest
 import torch
 
-from helpers import refusal as R
-from helpers import refusal_data as D
-from helpers import refusal_judges as J
-from helpers import safety_tuning as S
+from helpers.studies.refusal import direction as R
+from helpers.studies.refusal import data as D
+from helpers.studies.refusal import judges as J
+from helpers.studies.refusal import safety_tuning as S
 
 
 # --------------------------------------------------------------------------------------------------
@@ -693,7 +693,7 @@ def test_full_finetuning_trains_only_the_chosen_matrices_and_its_delta_reloads(t
 def test_harmbench_is_external_checked_and_spread_over_its_categories():
     from collections import Counter
 
-    from helpers import refusal_data as D
+    from helpers.studies.refusal import data as D
 
     requests = D.load_harmbench_requests()
     assert len(requests) == 200 and {r.kind for r in requests} == {"harmful"}
@@ -718,7 +718,7 @@ def test_harmbench_is_external_checked_and_spread_over_its_categories():
 def test_missing_harmbench_names_the_package(monkeypatch):
     import importlib.metadata
 
-    from helpers import refusal_data as D
+    from helpers.studies.refusal import data as D
 
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)

@@ -1,7 +1,7 @@
 """The refusal study's request sets: harmful and harmless requests, their splits, the style-shift set.
 
-One place for the data and its paths, imported by both :mod:`helpers.refusal` (the study) and
-:mod:`helpers.safety_tuning` (the adapter that gives the embedded model its refusal behaviour).
+One place for the data and its paths, imported by both :mod:`helpers.studies.refusal.direction` (the study) and
+:mod:`helpers.studies.refusal.safety_tuning` (the adapter that gives the embedded model its refusal behaviour).
 
 The sets (``helpers/data/refusal/``, documented in its ``README.md``):
 
@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-DATA_DIR = Path(__file__).resolve().parent / "data" / "refusal"
+from helpers.packaged_files import HELPERS_DATA_DIR
+
+DATA_DIR = HELPERS_DATA_DIR / "refusal"
 HARMFUL_PATH = DATA_DIR / "harmful.jsonl"
 HARMLESS_PATH = DATA_DIR / "harmless.jsonl"
 STYLE_SHIFT_PATH = DATA_DIR / "style_shift.jsonl"
