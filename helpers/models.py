@@ -398,8 +398,9 @@ def _load_gemma_hf(dtype: torch.dtype) -> tuple[Any, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-TINY_GEMMA3_SLIDING_WINDOW = 4
-"""tiny-gemma3's sliding window (tokens): far shorter than the test prompts, so the local layers differ."""
+TINY_GEMMA3_SLIDING_WINDOW = 6
+"""tiny-gemma3's sliding window (tokens): shorter than most test prompts (15-20 tokens), so local and global
+layers differ, yet long enough that the last IOI position still sees the second name (5 tokens back) in layer 0."""
 
 
 def _tiny_hf_model(arch: str, seed: int, tokenizer: Any) -> Any:
@@ -604,6 +605,56 @@ def display_name(name: str) -> str:
     if key in TINY_MODELS:
         return f"{key} (random init, test model)"
     return name.strip()
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout facts the analyses need (norm gains, norms after sublayers)
+# --------------------------------------------------------------------------------------------------
+
+
+def norm_gain(norm: Any) -> torch.Tensor | None:
+    """The per-dimension multiplier a norm bridge applies after normalising, or ``None`` (no weight).
+
+    ``γ`` for LayerNorm/RMSNorm; ``1 + γ`` for norms that store their weight as an offset from 1
+    (Gemma's RMSNorms, ``uses_weight_offset``). Reading ``norm.w`` directly is wrong for those.
+    """
+    weight = getattr(norm, "weight", None)
+    if weight is None:
+        return None
+    weight = weight.detach()
+    return 1.0 + weight if getattr(norm, "uses_weight_offset", False) else weight
+
+
+def norm_eps(norm: Any, default: float = 1e-5) -> float:
+    """The ε a norm bridge's wrapped module adds to the variance."""
+    module = getattr(norm, "original_component", None)
+    for name in ("variance_epsilon", "eps"):
+        value = getattr(module, name, None)
+        if value is not None:
+            return float(value)
+    return float(getattr(getattr(norm, "config", None), "eps", default))
+
+
+def post_sublayer_norm(model: Any, layer: int, sublayer: str) -> Any | None:
+    """The norm that rescales a sublayer's output before it is added to the residual stream, or ``None``.
+
+    Gemma-2/3 normalise the attention output (``post_attention_layernorm``, the bridge's ``ln1_post``)
+    and the MLP output (``post_feedforward_layernorm``, ``ln2_post``); Llama/GPT-2-style blocks add
+    the output projection's result directly. ``sublayer`` is ``"attn"`` or ``"mlp"``. The norm's
+    ``hook_scale`` is ``blocks.{layer}.ln1_post.hook_scale`` (or ``ln2_post``).
+    """
+    if sublayer not in ("attn", "mlp"):
+        raise ValueError(f"sublayer must be 'attn' or 'mlp', got {sublayer!r}.")
+    norm = getattr(model.blocks[layer], "ln1_post" if sublayer == "attn" else "ln2_post", None)
+    if norm is not None and not getattr(norm, "uses_rms_norm", False):
+        raise NotImplementedError(f"blocks.{layer}: a LayerNorm after the {sublayer} output is not supported "
+                                  "(only RMSNorm post-sublayer norms, as in Gemma-2/3).")
+    return norm
+
+
+def post_sublayer_norm_hook(sublayer: str) -> str:
+    """The bridge's name of the post-sublayer norm inside a block: ``"ln1_post"`` or ``"ln2_post"``."""
+    return "ln1_post" if sublayer == "attn" else "ln2_post"
 
 
 def model_display_name(model: Any) -> str:
