@@ -15,8 +15,8 @@ Four kinds of model go through :func:`load_model`:
   file lists (never imported), concatenated into the cache folder and checked against the GGUF's
   sha256; then as for SmolLM2: dequantised to float32 offline, cached, wrapped in a bridge. The
   GGUF's config has no ``architectures``, so it is set to ``Gemma3ForCausalLM`` (the bridge's
-  logits then equal Hugging Face's exactly). The first load takes ~90 s (half of it converting the
-  262,144-token tokenizer), later ones a few seconds. No chat template (a base model).
+  logits then equal Hugging Face's exactly). The first load takes 90–100 s (half of it converting
+  the 262,144-token tokenizer), later ones ~17 s. No chat template (a base model).
 * **Paper models** (``"gpt2"``, ``"EleutherAI/pythia-160m"``, ``"Qwen/Qwen-1_8B-chat"``, …): loaded
   with ``TransformerBridge.boot_transformers`` exactly as a user with network access would. A model
   that is not in the local Hugging Face cache while offline fails at once with
@@ -31,9 +31,10 @@ Four kinds of model go through :func:`load_model`:
 The weight cache. Each GGUF-backed model has one folder under :func:`cache_dir`, written
 atomically (a temporary folder renamed into place). Its manifest ``mi_source.json`` records the
 source GGUF (name, sha256, package) and the size and sha256 of every file written. Every load
-checks the folder against it — sizes and checksums: hashing costs ~0.7 s for SmolLM2's 540 MB and
-~1.3 s for Gemma's 1.1 GB of float32 weights (2 CPU cores, files in the page cache; on a cold
-disk, reading them dominates), next to 3–10 s for the load itself. A folder that does not match
+checks the folder against it — sizes and checksums: hashing measured 0.65 s for SmolLM2's 540 MB
+and 0.85 s for Gemma's 1.07 GB of float32 weights (2 CPU cores, files in the page cache; on a cold
+disk, reading them dominates), next to ~5 s (SmolLM2) and ~17 s (Gemma, fresh process) for the
+cached load itself, so it is always on. A folder that does not match
 (a truncated ``model.safetensors``, a missing file, a manifest from an older version or another
 GGUF) is rebuilt from the GGUF with a :class:`CacheRebuildWarning` naming the folder and what
 differed, instead of crashing inside ``safetensors``.

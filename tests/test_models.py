@@ -367,3 +367,24 @@ def test_truncated_smollm2_cache_is_rebuilt_with_a_warning(monkeypatch, tmp_path
     tokens = tokenize(rebuilt, "The quick brown fox").tokens
     with torch.no_grad():
         assert torch.equal(rebuilt(tokens), embedded_model(tokens))
+
+
+@pytest.mark.embedded
+@pytest.mark.slow
+def test_gemma_3_270m_loads_offline_matches_hugging_face_and_does_ioi():
+    model = load_model("gemma-3-270m", device="cpu")
+    cfg, hf = model.cfg, model.original_model
+    assert (cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_model, cfg.d_vocab) == (18, 4, 1, 640, 262144)
+    assert hf.config.sliding_window == 512 and hf.config.layer_types.count("full_attention") == 3
+    assert hf.config.final_logit_softcapping is None and hf.config.attn_logit_softcapping is None
+    assert model_display_name(model) == models.GEMMA_DISPLAY_NAME
+    assert all(not p.requires_grad for p in model.parameters())
+    batch = tokenize(model, ["When Mary and John went to the store, John gave a drink to",
+                             "When Anna and Tom went to the park, Tom gave a ball to"])
+    first_real = batch.tokens[torch.arange(2), (batch.attention_mask == 0).sum(-1)]
+    assert (first_real == model.tokenizer.bos_token_id).all()  # Gemma needs its <bos>
+    with torch.no_grad():
+        logits = model(batch.tokens, attention_mask=batch.attention_mask)[:, -1]
+        expected = hf(batch.tokens, attention_mask=batch.attention_mask, logits_to_keep=1).logits[:, -1]
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    assert [model.tokenizer.decode([i]) for i in logits.argmax(-1).tolist()] == [" Mary", " Anna"]
