@@ -582,14 +582,15 @@ def _embedded_tokenizer() -> Any:
     """The embedded model's tokenizer, shared by the tiny models so that they read the same text."""
     from transformers import AutoTokenizer
 
-    with _hub_offline_while_loading():
-        cached = _embedded_cache_path()
-        # Only the tokenizer's files are checked (small); a damaged cache is rebuilt by the next
-        # load_model("embedded"), not here.
-        if not cache_problems(cached, source=_embedded_source(), only=lambda name: not name.endswith(".safetensors")):
+    cached = _embedded_cache_path()
+    # Only the tokenizer's files are checked here (small): a damaged model.safetensors is rebuilt by
+    # the next load_model("embedded").
+    if not cache_problems(cached, source=_embedded_source(), only=lambda name: not name.endswith(".safetensors")):
+        with _hub_offline_while_loading():
             return AutoTokenizer.from_pretrained(cached)
-        gguf = embedded_gguf_path(verify=True)
-        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # No cache, or a damaged / old-format one: (re)build it once (~30 s; the GGUF's tokenizer alone
+    # would cost ~7 s on every tiny-model load).
+    return _load_embedded_hf(torch.float32)[1]
 
 
 def _uses_layernorm(model: Any) -> bool:
