@@ -4,13 +4,13 @@ Measures, in one process and with the same thread count:
 
 1. the machine's own float32 matmul throughput, on the shapes a training step multiplies
    (``[3830, 128] @ [128, 512]`` and ``[3830, 512] @ [512, 128]``), best of several repeats;
-2. steps per second of our loop (``helpers.grokking.train``: last-position-only model, full batch,
+2. steps per second of our loop (``helpers.studies.grokking.training.train``: last-position-only model, full batch,
    AdamW, float64 loss);
 3. steps per second of the loop a new user would write: a ``TransformerBridge.boot_native`` model of
    the same config, ``bridge(train_tokens)[:, -1]``, the same loss and optimizer;
 
 and prints our time per step over the *floor*: the step's matmul FLOPs
-(``helpers.grokking.step_flops``, forward + backward) divided by the measured throughput.
+(``helpers.studies.grokking.training.step_flops``, forward + backward) divided by the measured throughput.
 Targets: ≥ 2× faster than the plain bridge loop, within 2× of the floor on CPU, and on a GPU the
 full 40,000-epoch run with progress measures in under a minute (``--full-gpu-run``; without a GPU
 the script says so instead of printing a number).
@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers.grokking import (  # noqa: E402
+from helpers.studies.grokking.training import (  # noqa: E402
     GrokkingConfig,
     cross_entropy_float64,
     make_dataset,
@@ -72,7 +72,7 @@ def _sync(device: str) -> None:
 
 
 def time_our_loop(config: GrokkingConfig, steps: int, device: str) -> float:
-    """Seconds per full-batch step of helpers.grokking.train (after 5 warm-up steps)."""
+    """Seconds per full-batch step of helpers.studies.grokking.training.train (after 5 warm-up steps)."""
     train(config, seeds=(0,), n_epochs=5, device=device, keep_snapshots=False, progress=False)
     run = train(config, seeds=(0,), n_epochs=steps, device=device, keep_snapshots=False, progress=False)
     return run.seconds / steps
@@ -106,7 +106,7 @@ def time_bridge_loop(config: GrokkingConfig, steps: int, device: str) -> float:
 
 def full_gpu_run(config: GrokkingConfig) -> None:
     """The whole 40k-epoch run plus progress measures on CUDA, timed end to end."""
-    from helpers.fourier import key_frequencies_of, progress_measures
+    from helpers.studies.grokking.fourier import key_frequencies_of, progress_measures
 
     start = time.perf_counter()
     run = train(config, seeds=(0,), device="cuda", progress=False)

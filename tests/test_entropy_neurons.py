@@ -1,4 +1,4 @@
-"""Tests of helpers.entropy_neurons on the tiny models (RMSNorm/gated-MLP, LayerNorm/GPT-2 and Gemma-3 layouts).
+"""Tests of helpers.studies.entropy_neurons on the tiny models (RMSNorm/gated-MLP, LayerNorm/GPT-2 and Gemma-3 layouts).
 
 The tiny models are random, so their outputs are nearly uniform and ablation effects are tiny. Each
 test model therefore gets a large random final-norm weight (peaky outputs, and a γ that must be folded
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import entropy_neurons as en
+from helpers.studies import entropy_neurons as en
 from helpers.corpus import load_corpus_tokens
 from helpers.models import load_model, norm_gain, post_sublayer_norm
 from helpers.prompts import TokenBatch

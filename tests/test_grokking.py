@@ -1,4 +1,4 @@
-"""Tests for helpers.grokking (model, data, training) and helpers.fourier (analysis, progress measures)."""
+"""Tests for helpers.studies.grokking.training (model, data, training) and helpers.studies.grokking.fourier (analysis, progress measures)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import fourier
-from helpers.grokking import (
+from helpers.studies.grokking import fourier
+from helpers.studies.grokking.training import (
     GrokkingConfig,
     GrokkingTransformer,
     cross_entropy_float64,

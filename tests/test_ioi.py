@@ -1,4 +1,4 @@
-"""Tests of helpers.ioi: the IOI dataset generator (tiny models share the embedded tokenizer) and
+"""Tests of helpers.studies.ioi: the IOI dataset generator (tiny models share the embedded tokenizer) and
 the IOI-specific analysis."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import ioi
-from helpers.ioi import ABBA_TEMPLATES, BABA_TEMPLATES, make_ioi_dataset
+from helpers.studies import ioi
+from helpers.studies.ioi import ABBA_TEMPLATES, BABA_TEMPLATES, make_ioi_dataset
 from helpers.models import load_model
 
 

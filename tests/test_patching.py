@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from helpers import metrics, patching
+from helpers.patching.engine import _Patcher
 from helpers.prompts import TokenBatch, single_token_id, tokenize
 
 warnings.filterwarnings("ignore")
@@ -316,12 +317,12 @@ def test_shared_prefix_is_computed_once(llama):
     """Patched runs compute only the positions from the first clean/corrupted difference on (the tests
     above check the results against full naive runs, so they cover this path)."""
     s = llama
-    patcher = patching._Patcher(s.model, s.clean, s.corrupted, s.metric, "denoise", [])
+    patcher = _Patcher(s.model, s.clean, s.corrupted, s.metric, "denoise", [])
     first_difference = int(((s.clean.tokens != s.corrupted.tokens) | (s.clean.attention_mask != s.corrupted.attention_mask))
                            .any(0).nonzero()[0])
     assert patcher.p0 == first_difference > 0
     assert not patcher.covers(first_difference - 1) and patcher.covers(first_difference)
-    full = patching._Patcher(s.model, s.clean, s.corrupted, s.metric, "denoise", [], allow_suffix=False)
+    full = _Patcher(s.model, s.clean, s.corrupted, s.metric, "denoise", [], allow_suffix=False)
     assert full.p0 == 0
 
 

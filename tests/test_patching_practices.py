@@ -1,4 +1,4 @@
-"""Tests of helpers.patching_practices: the factual-recall prompt set, STR/GN corruptions, the
+"""Tests of helpers.studies.patching_practices: the factual-recall prompt set, STR/GN corruptions, the
 common-scale metrics and the comparisons between sweeps. Tiny models share the embedded tokenizer,
 so tokenization facts checked on them hold for the embedded model too."""
 
@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
-from helpers import patching_practices as pp
-from helpers.patching_practices import Fact, FactCheck
+from helpers.studies import patching_practices as pp
+from helpers.studies.patching_practices import Fact, FactCheck
 
 
 def _fake_known_checks(model, facts):

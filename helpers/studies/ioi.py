@@ -2,7 +2,7 @@
 
 API at a glance::
 
-    from helpers.ioi import make_ioi_dataset
+    from helpers.studies.ioi import make_ioi_dataset
     data = make_ioi_dataset(model, 64, seed=0, templates="mixed")   # "BABA" | "ABBA" | "mixed" | [str, ...]
     data.prompts[0]          # 'Then, Kevin and Laura went to the store. Kevin gave a ring to'
     data.batch               # TokenBatch (left padded, with attention mask): pass data.batch.attention_mask!

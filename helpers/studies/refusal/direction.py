@@ -4,7 +4,7 @@ The pipeline, as in the paper:
 
 1. **Instructions** — harmful and harmless instruction sets with train/val/test splits:
    :func:`load_instructions` (this project's own sets, shipped in ``helpers/data/refusal`` and
-   described by :mod:`helpers.refusal_data`, with a held-out style-shift set,
+   described by :mod:`helpers.studies.refusal.data`, with a held-out style-shift set,
    :func:`load_style_shift`) or :func:`load_paper_instructions` (the paper's public datasets,
    downloaded at run time).
 2. **Candidate directions** (:func:`candidate_directions`) — the difference of the mean residual
@@ -25,7 +25,7 @@ The pipeline, as in the paper:
    activation addition (:func:`helpers.ablation.activation_addition_hooks`), evaluated on the
    *test* split by refusal substring matching on greedy generations (:func:`refusal_rate`), by
    the refusal score (:func:`refusal_scores`) and by where the refusal phrase sits
-   (:func:`helpers.refusal_judges.refusal_pattern`).
+   (:func:`helpers.studies.refusal.judges.refusal_pattern`).
 5. **Affine concept editing** (Marshall et al. 2024, :func:`mean_coordinates` with
    :func:`helpers.ablation.affine_ablation_hooks` / :func:`helpers.ablation.affine_steering_hooks`):
    the same direction, but its coordinate is moved to the harmless (or harmful) mean's value
@@ -42,16 +42,17 @@ import io
 import json
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from helpers.refusal_data import (  # noqa: F401  (re-exported: the study's data API)
-    DATA_DIR, KINDS, SPLITS, load_instructions, load_split_requests, load_style_shift, load_style_shift_requests,
+from helpers.studies.refusal.data import (  # noqa: F401  (re-exported: the study's data API)
+    DATA_DIR, KINDS, SPLITS, load_harmbench, load_harmbench_requests, load_instructions, load_split_requests,
+    load_style_shift, load_style_shift_requests,
 )
-from helpers.refusal_judges import (  # noqa: F401  (re-exported: the judges)
+from helpers.studies.refusal.judges import (  # noqa: F401  (re-exported: the judges)
     REFUSAL_SUBSTRINGS, is_refusal, judge_agreement, judge_table, refusal_pattern, refusal_rate,
 )
 
@@ -60,7 +61,7 @@ REFUSAL_PREFIXES: tuple[str, ...] = ("I", "As")
 
 
 # --------------------------------------------------------------------------------------------------
-# Instructions (this project's sets live in helpers.refusal_data; the paper's are downloaded)
+# Instructions (this project's sets live in helpers.studies.refusal.data; the paper's are downloaded)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -109,7 +110,7 @@ def load_paper_instructions(n_train: int = 128, n_val: int = 32, n_test: int = 1
 
 
 # --------------------------------------------------------------------------------------------------
-# Refusal score (the first-token judge; the text judges are in helpers.refusal_judges)
+# Refusal score (the first-token judge; the text judges are in helpers.studies.refusal.judges)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -451,12 +452,13 @@ def select_direction(model: Any, candidates: CandidateDirections, harmful_val: S
     if kept.empty:
         steer = table[table["steering_score"] >= steering_threshold] if if_none_pass == "lowest_kl" else table.iloc[:0]
         if steer.empty:
-            raise RuntimeError(
-                "select_direction: every candidate was filtered out (KL, steering score or layer). Inspect "
-                "`table` (returned in the error's args), evaluate more candidates, or pass "
-                "if_none_pass='lowest_kl' to take the steering candidate closest to the KL filter.",
-                table,
-            )
+            hint = (f"and none reaches the steering threshold ({steering_threshold}) either, so there is no "
+                    "fallback: adding any candidate does not induce refusal. Inspect `table` (returned in the "
+                    "error's args) or evaluate more candidates." if if_none_pass == "lowest_kl" else
+                    "Inspect `table` (returned in the error's args), evaluate more candidates, or pass "
+                    "if_none_pass='lowest_kl' to take the steering candidate closest to the KL filter.")
+            raise RuntimeError(f"select_direction: every candidate was filtered out (KL, steering score or layer), {hint}",
+                               table)
         best = steer.loc[steer["kl"].idxmin()]
         fallback = (f"no candidate passes KL ≤ {kl_threshold}; took the steering candidate with the lowest KL "
                     f"({best['kl']:.3f} nats) instead of the lowest ablation refusal score")
@@ -520,7 +522,7 @@ class ConditionResult:
     """Per prompt: the refusal score (the first-token judge reads ``score > 0``)."""
 
     def judges(self) -> Any:
-        """:func:`helpers.refusal_judges.judge_table` of this condition's completions and scores."""
+        """:func:`helpers.studies.refusal.judges.judge_table` of this condition's completions and scores."""
         return judge_table(self.completions, self.scores or None)
 
 
@@ -539,7 +541,7 @@ def evaluate_condition(model: Any, name: str, instructions: Sequence[str], *,
 def judge_summary(conditions: Sequence[ConditionResult]) -> Any:
     """One row per condition: the refusal rate by each judge (substring, first token, clean refusal),
     how often the substring and first-token judges disagree, and the mixed patterns
-    ("refuses, then complies" and the reverse), from :func:`helpers.refusal_judges.judge_agreement`."""
+    ("refuses, then complies" and the reverse), from :func:`helpers.studies.refusal.judges.judge_agreement`."""
     import pandas as pd
 
     rows = {c.name: judge_agreement(c.judges()) for c in conditions}
@@ -723,12 +725,12 @@ def load_study_model(run: Any) -> Any:
     * ``paper`` profile: the paper's chat model (``run.model_name``), as is — it was safety-tuned by
       its makers.
     * ``embedded`` / ``ci``: the embedded SmolLM2 model with this project's safety-tuning LoRA merged
-      (:func:`helpers.safety_tuning.load_safety_tuned_model`): the plain embedded model does not
+      (:func:`helpers.studies.refusal.safety_tuning.load_safety_tuned_model`): the plain embedded model does not
       refuse, so there would be no refusal to study.
     """
     if run.profile.uses_embedded_model:
         from helpers.profiles import MODEL_ENV_VAR, ModelChoiceError, get_embedded_model
-        from helpers.safety_tuning import load_safety_tuned_model
+        from helpers.studies.refusal.safety_tuning import load_safety_tuned_model
 
         choice = get_embedded_model(getattr(run, "embedded_model", None))
         if not choice.is_default:
@@ -743,7 +745,7 @@ def load_study_model(run: Any) -> Any:
 def study_model_description(paper_model: str, profile: str | None = None) -> str:
     """What :func:`helpers.notebook.start` should print as the model for this study."""
     from helpers.profiles import get_profile
-    from helpers.safety_tuning import SAFETY_TUNED_DISPLAY_NAME
+    from helpers.studies.refusal.safety_tuning import SAFETY_TUNED_DISPLAY_NAME
 
     return SAFETY_TUNED_DISPLAY_NAME if get_profile(profile).uses_embedded_model else paper_model
 
@@ -771,6 +773,33 @@ def load_study_instructions(run: Any, *, n_train: int, n_val: int, n_test: int) 
     sizes = {"train": n_train, "val": n_val, "test": n_test}
     return {split: {kind: spread_evenly(splits[split][kind], n, f"{split} split, {kind}") for kind in KINDS}
             for split, n in sizes.items()}
+
+
+def load_study_harmbench(n: int | None = None, *, exclude: Iterable[str] = (), seed: int = 0) -> list[str]:
+    """``n`` HarmBench standard behaviours (:func:`helpers.studies.refusal.data.load_harmbench_requests`;
+    ``None``: all 200), with HarmBench's six semantic categories taken in turn (seeded order within
+    each), in file order.
+
+    ``exclude``: texts to leave out — the ``paper`` profile passes its train and val prompts,
+    because the paper's training splits include HarmBench behaviours. On the embedded model nothing
+    from HarmBench is used for tuning or selection: it is a harmful test set written by another team.
+    """
+    import random
+
+    seen = set(exclude)
+    requests = [r for r in load_harmbench_requests() if r.text not in seen]
+    if n is None:
+        return [r.text for r in requests]
+    if n > len(requests):
+        raise ValueError(f"HarmBench has {len(requests)} standard behaviours left after exclusions; asked for {n}.")
+    by_category: dict[str, list[int]] = {}
+    for index, request in enumerate(requests):
+        by_category.setdefault(request.category, []).append(index)
+    for category, indices in by_category.items():
+        random.Random(f"{seed}|harmbench|{category}").shuffle(indices)
+    turns = [indices[i] for i in range(max(map(len, by_category.values()))) for indices in by_category.values()
+             if i < len(indices)]
+    return [requests[i].text for i in sorted(turns[:n])]
 
 
 def load_study_style_shift(n: int | None = None, *, seed: int = 0) -> dict[str, list[str]]:
@@ -806,7 +835,7 @@ def safety_tuning_summary() -> Any:
     """The shipped adapter's training report as a small DataFrame (refusal rates before/after)."""
     import pandas as pd
 
-    from helpers.safety_tuning import REPORT_JSON_PATH
+    from helpers.studies.refusal.safety_tuning import REPORT_JSON_PATH
 
     report = json.loads(REPORT_JSON_PATH.read_text())
     frame = pd.DataFrame(report["refusal_rates"]).T

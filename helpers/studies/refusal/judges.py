@@ -3,7 +3,7 @@ check for completions that mix refusal and compliance.
 
 * :func:`is_refusal` — Arditi et al.'s ``substring_matching_judge``: a completion refuses when it
   contains one of :data:`REFUSAL_SUBSTRINGS` anywhere.
-* The **first-token judge** — the refusal score's view (:func:`helpers.refusal.refusal_scores`):
+* The **first-token judge** — the refusal score's view (:func:`helpers.studies.refusal.direction.refusal_scores`):
   the model's next-token probability of a refusal token ("I", "As") at the end of the prompt is
   above one half (score > 0). It reads the decision, not the text.
 * :func:`refusal_pattern` — where in the text the refusal phrase sits: ``"refusal"`` (refuses and

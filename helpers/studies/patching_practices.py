@@ -8,7 +8,7 @@ the patching loops themselves live in the toolkit.
 
 API at a glance::
 
-    from helpers import patching_practices as pp
+    from helpers.studies import patching_practices as pp
     checks = pp.check_facts(model, pp.load_facts())          # which facts does the model know?
     task = pp.make_factual_recall_task(model, 16, seed=0)      # clean / STR-corrupted prompts, answers, subject mask
     task = pp.make_ioi_task(model, 16, seed=0)                 # the same for IOI (STR = ABC names)
@@ -410,13 +410,13 @@ def make_ioi_task(
     corruption: Literal["abc", "swap"] = "abc",
     templates: Any = "BABA",
 ) -> PatchingTask:
-    """IOI prompts (:func:`helpers.ioi.make_ioi_dataset`) with their STR counterpart.
+    """IOI prompts (:func:`helpers.studies.ioi.make_ioi_dataset`) with their STR counterpart.
 
     ``corruption="abc"``: the three name slots refilled with three fresh names (Wang et al.'s ABC
     distribution); ``"swap"``: IO and S exchanged (the logit difference flips sign). The answers are
     ``(IO, S)`` of the clean prompt; the key tokens are the IO, S1 and S2 positions.
     """
-    from helpers.ioi import make_ioi_dataset
+    from helpers.studies.ioi import make_ioi_dataset
 
     if corruption not in ("abc", "swap"):
         raise ValueError(f"corruption must be 'abc' or 'swap', got {corruption!r}.")
@@ -653,7 +653,7 @@ def patching_metrics(
 
 
 def _values(x: Any) -> torch.Tensor:
-    """The plain tensor of a :class:`helpers.patching.LabelledTensor` (or of a tensor/array)."""
+    """The plain tensor of a :class:`helpers.labelled_tensor.LabelledTensor` (or of a tensor/array)."""
     if isinstance(x, torch.Tensor):
         return x.detach().float().cpu()
     values = getattr(x, "values", x)
@@ -1013,7 +1013,7 @@ def most_negative_component(sweep_a: Any, sweep_b: Any) -> MetricBlindSpot:
 
 def restrict_layers(sweep: Any, layers: Sequence[int]) -> Any:
     """The rows of a ``[layer, ...]`` LabelledTensor for ``layers`` (by layer label)."""
-    from helpers.patching import LabelledTensor
+    from helpers.labelled_tensor import LabelledTensor
 
     labels = [int(x) for x in sweep.labels["layer"]]
     rows = [labels.index(int(layer)) for layer in layers]

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-from helpers.grokking import (
+from helpers.studies.grokking.training import (
     GrokkingTransformer,
     ModularAdditionData,
     TrainingRun,
@@ -292,7 +292,7 @@ def progress_measures(
     """The paper's progress measures at every snapshot of ``run``, for every model.
 
     Args:
-        run: from :func:`helpers.grokking.train` with snapshots.
+        run: from :func:`helpers.studies.grokking.training.train` with snapshots.
         key_frequencies: one list per model (the final model's key frequencies, as in the paper).
         chunk_models: how many (snapshot, model) pairs go through one batched forward pass.
 
@@ -531,8 +531,8 @@ class GrokkingResult:
 def train_and_measure(config: Any, seeds: Sequence[int] = (0,), *, device: str | torch.device = "cpu",
                       n_epochs: int | None = None, threshold: float = 0.85, min_share: float = 0.02,
                       progress: bool = True) -> GrokkingResult:
-    """Train with :func:`helpers.grokking.train`, then :func:`measure_run`."""
-    from helpers.grokking import train
+    """Train with :func:`helpers.studies.grokking.training.train`, then :func:`measure_run`."""
+    from helpers.studies.grokking.training import train
 
     run = train(config, seeds, n_epochs=n_epochs, device=device, progress=progress)
     return measure_run(run, threshold=threshold, min_share=min_share, progress=progress)
@@ -564,7 +564,7 @@ def load_committed_result(directory: Any = None, device: str | torch.device = "c
     training script stored)."""
     from pathlib import Path
 
-    from helpers.grokking import DATA_DIR, load_checkpoint, load_history, make_dataset
+    from helpers.studies.grokking.training import DATA_DIR, load_checkpoint, load_history, make_dataset
 
     directory = Path(directory) if directory is not None else DATA_DIR
     model, metadata = load_checkpoint(directory / "checkpoint.pt", device=device)

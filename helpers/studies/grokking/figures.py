@@ -8,7 +8,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from helpers.fourier import NeuronClusters, Phases
+from helpers.studies.grokking.fourier import NeuronClusters, Phases
 from helpers.plotting import heatmap
 
 def to_numpy(values: Any) -> np.ndarray:

@@ -22,7 +22,7 @@ This module reproduces the paper's setup exactly and fast:
 * :func:`train` – full-batch AdamW on ``n_models`` models at once (AdamW is elementwise, so one
   optimizer over parameters with a leading model dimension trains every model independently; the
   summed loss gives each model exactly its own gradient). It keeps a snapshot of the parameters
-  every ``checkpoint_every`` epochs, from which :mod:`helpers.fourier` computes the progress
+  every ``checkpoint_every`` epochs, from which :mod:`helpers.studies.grokking.fourier` computes the progress
   measures afterwards (they need the final model's key frequencies).
 * :func:`to_bridge` – the trained model as a ``TransformerBridge`` (TransformerLens 4), so every
   TransformerLens hook works on it; its logits equal ours (checked in the tests).
@@ -50,10 +50,12 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
 
+from helpers.packaged_files import HELPERS_DATA_DIR
+
 PARAM_NAMES: tuple[str, ...] = ("W_E", "W_pos", "W_Q", "W_K", "W_V", "W_O", "W_in", "b_in", "W_out", "b_out", "W_U")
 """Parameter names, TransformerLens-style, each with a leading ``model`` dimension."""
 
-DATA_DIR = Path(__file__).resolve().parent / "data" / "grokking"
+DATA_DIR = HELPERS_DATA_DIR / "grokking"
 """Where the committed ``ci`` checkpoint and training history live."""
 
 
@@ -405,7 +407,7 @@ def train(
         n_epochs: overrides ``config.n_epochs`` (e.g. a short run).
         device: ``"cpu"``, ``"cuda"``, …
         keep_snapshots: keep the parameters every ``config.checkpoint_every`` epochs (needed for
-            :func:`helpers.fourier.progress_measures`; 0.9 MB per model per snapshot).
+            :func:`helpers.studies.grokking.fourier.progress_measures`; 0.9 MB per model per snapshot).
         progress: show a ``tqdm`` bar with the training loss and test accuracy (worst model).
         initial: continue training these models (in place) instead of a fresh initialisation
             (seeds must match; the optimizer state starts afresh).
@@ -573,7 +575,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
             "`python scripts/train_grokking_checkpoint.py` (or `make grokking-checkpoint`).")
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if payload.get("format") != "mechinterp-repro/grokking-checkpoint/v1":
-        raise ValueError(f"{path} is not a grokking checkpoint written by helpers.grokking.save_checkpoint.")
+        raise ValueError(f"{path} is not a grokking checkpoint written by helpers.studies.grokking.training.save_checkpoint.")
     config_dict = dict(payload["config"])
     config_dict["betas"] = tuple(config_dict["betas"])
     config = GrokkingConfig(**config_dict)
