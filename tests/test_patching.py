@@ -1,8 +1,10 @@
 """Tests of helpers.patching: every sweep against a naive one-forward-per-component loop written here,
 against transformer_lens.patching where it has the same sweep, exactness checks and input validation.
 
-Tiny random models (tiny-llama: RMSNorm, GQA, rotary; tiny-gpt2: LayerNorm, MHA, learned positions) keep
-these fast; the embedded-model tests are marked ``embedded``.
+Tiny random models (tiny-llama: RMSNorm, GQA, rotary; tiny-gemma3: Gemma-3's multi-query attention, (1 + γ)
+norms before and after each sublayer, sliding-window layers; tiny-gpt2: LayerNorm, MHA, learned positions) keep
+these fast; the ``llama`` fixture runs each test on tiny-llama and on tiny-gemma3 (the name is historical). The
+embedded-model tests are marked ``embedded``.
 """
 
 from __future__ import annotations
@@ -93,8 +95,23 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def llama():
+def tiny_llama_setup():
     return Setup("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3_setup():
+    return Setup("tiny-gemma3")
+
+
+RMS_SETUPS = ["tiny_llama_setup", "tiny_gemma3_setup"]
+RMS_IDS = ["tiny-llama", "tiny-gemma3"]
+
+
+@pytest.fixture(scope="module", params=RMS_SETUPS, ids=RMS_IDS)
+def llama(request):
+    """The RMSNorm layouts in turn: tiny-llama (the embedded model's) and tiny-gemma3 (Gemma-3's)."""
+    return request.getfixturevalue(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +122,11 @@ def gpt2():
 @pytest.fixture(scope="module")
 def llama_equal():
     return Setup("tiny-llama", EQUAL_CLEAN, EQUAL_CORRUPTED, EQUAL_ANSWERS)
+
+
+@pytest.fixture(scope="module")
+def gemma3_equal():
+    return Setup("tiny-gemma3", EQUAL_CLEAN, EQUAL_CORRUPTED, EQUAL_ANSWERS)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +147,7 @@ S = slice(None)
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
-@pytest.mark.parametrize("setup_name", ["llama", "gpt2"])
+@pytest.mark.parametrize("setup_name", [*RMS_SETUPS, "gpt2"])
 def test_resid_pre_and_post_match_naive_loop(setup_name, direction, request):
     s = request.getfixturevalue(setup_name)
     n_layers, n_pos = s.model.cfg.n_layers, s.clean.tokens.shape[1]
@@ -316,7 +338,7 @@ def test_batched_and_unbatched_runs_agree(llama):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("setup_name", ["llama_equal", "gpt2_equal"])
+@pytest.mark.parametrize("setup_name", ["llama_equal", "gemma3_equal", "gpt2_equal"])
 def test_agrees_with_transformer_lens_patching(setup_name, request):
     from transformer_lens import patching as tl
 
@@ -423,7 +445,7 @@ def test_path_patch_keys_values_on_gqa_model_for_a_whole_kv_group(llama, receive
     query heads sharing one key/value head, that equals patching the shared k/v head directly."""
     s = llama
     group = s.model.cfg.n_heads // s.model.cfg.n_key_value_heads
-    kv_head = 1
+    kv_head = s.model.cfg.n_key_value_heads - 1  # tiny-llama: 1 of 2; tiny-gemma3: the only one
     receivers = [(2, kv_head * group + i) for i in range(group)]
     ours = patching.path_patch(s.model, s.clean, s.corrupted, s.metric, [(0, 0), (1, 3)], receivers, receiver_input)
     expected = _naive_path_patch(s, [(0, 0), (1, 3)], [(2, kv_head)], receiver_input)

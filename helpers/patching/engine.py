@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-from torch import nn
 
 from helpers.labelled_tensor import LabelledTensor
 from helpers.metrics import Metric
@@ -102,7 +101,6 @@ class _Patcher:
             else:
                 self.keep_positions = None
         self.position_ids = self._position_ids(self.target.attention_mask)
-        self._layer_list = _find_layer_list(model)
         self.source_cache = {name: self.source_cache[name] for name in source_hooks}
         self.target_cache = {name: self.target_cache[name] for name in target_hooks}
         self.p0 = 0
@@ -131,25 +129,31 @@ class _Patcher:
         if p0 <= 0:
             return
         try:
-            from transformers import DynamicCache  # noqa: F401
+            from transformers import DynamicCache
 
+            # A plain DynamicCache keeps every position of every layer. The cache a model builds for
+            # itself may not: Gemma-3's sliding-window layers keep only their last window - 1 keys.
+            past = DynamicCache()
             with torch.no_grad():
-                _, past = self.model(self.target.tokens, attention_mask=self.target.attention_mask,
-                                     return_type="logits_and_cache")
+                self.model(self.target.tokens, attention_mask=self.target.attention_mask, past_key_values=past,
+                           use_cache=True, return_type="logits_and_cache")
             prefix = [(layer.keys[:, :, :p0].clone(), layer.values[:, :, :p0].clone()) for layer in past.layers]
         except Exception:  # no HF cache for this model: use the full sequence
             return
-        if len(prefix) != self.n_layers:
+        if len(prefix) != self.n_layers or any(keys.shape[2] != p0 for keys, _ in prefix):
             return
         full_cache = (self.source_cache, self.target_cache)
         self.p0, self.prefix_kv = p0, prefix
         self.source_cache = {n: _suffix_slice(n, t, p0) for n, t in full_cache[0].items()}
         self.target_cache = {n: _suffix_slice(n, t, p0) for n, t in full_cache[1].items()}
-        with torch.no_grad():  # check: the unpatched suffix run reproduces the target run's logits
-            values, _ = self.run([_PatchedRun([], 0)], _return_logits=True)
-        check = values[0]
+        try:
+            with torch.no_grad():  # check: the unpatched suffix run reproduces the target run's logits
+                values, _ = self.run([_PatchedRun([], 0)], _return_logits=True)
+            check = values[0]
+        except Exception:  # an architecture whose attention cannot continue from the cache
+            check = None
         reference = target_logits[:, self.keep_positions]
-        if check.shape != reference.shape or not torch.allclose(check, reference, atol=1e-4, rtol=1e-4):
+        if check is None or check.shape != reference.shape or not torch.allclose(check, reference, atol=1e-4, rtol=1e-4):
             self.p0, self.prefix_kv = 0, []
             self.source_cache, self.target_cache = full_cache
 
@@ -307,21 +311,30 @@ class _Patcher:
 
     @contextlib.contextmanager
     def _skip_blocks_below(self, start: int):
-        """Temporarily drop blocks ``0..start-1`` from the wrapped model's layer list.
+        """Temporarily make blocks ``0..start-1`` return their input unchanged.
 
         The bridge's ``start_at_layer`` swaps the cached residual in at block ``start`` but still runs
-        the blocks below it; removing them from the list skips that wasted work. Hooks live on the
-        block modules themselves, so they are unaffected.
+        the blocks below it; passing their input through skips that wasted work. The blocks stay in
+        the wrapped model's layer list: models that look up per-layer settings by position in that
+        list (Gemma-2/3 pick each layer's sliding-window or global mask and rotary base from
+        ``config.layer_types[i]``) would otherwise give block ``start`` the settings of block 0.
+        Hooks live on the block modules themselves, so they are unaffected.
         """
-        if start <= 0 or self._layer_list is None:
+        if start <= 0:
             yield
             return
-        parent, attr, full = self._layer_list
-        setattr(parent, attr, nn.ModuleList(list(full)[start:]))
+        skipped = list(self.model.blocks)[:start]
+        for block in skipped:  # object.__setattr__: the bridge would forward a plain setattr to the HF module
+            object.__setattr__(block, "forward", _passthrough)
         try:
             yield
         finally:
-            setattr(parent, attr, full)
+            for block in skipped:
+                object.__delattr__(block, "forward")
+
+
+def _passthrough(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return hidden_states
 
 
 def _suffix_slice(name: str, tensor: torch.Tensor, p0: int) -> torch.Tensor:
@@ -329,21 +342,6 @@ def _suffix_slice(name: str, tensor: torch.Tensor, p0: int) -> torch.Tensor:
     if name.endswith(("hook_pattern", "hook_attn_scores")):  # [batch, head, query_pos, key_pos]
         return tensor[:, :, p0:]
     return tensor[:, p0:]
-
-
-def _find_layer_list(model: Any) -> tuple[nn.Module, str, nn.ModuleList] | None:
-    """The ``nn.ModuleList`` of the wrapped HF model that holds the bridge's blocks (parent, attr, list)."""
-    blocks = list(getattr(model, "blocks", []))
-    original = getattr(model, "original_model", None)
-    if not blocks or original is None:
-        return None
-    for module in original.modules():
-        for attr, child in module.named_children():
-            if isinstance(child, nn.ModuleList) and len(child) == len(blocks) and all(
-                a is b for a, b in zip(child, blocks)
-            ):
-                return module, attr, child
-    return None
 
 
 def _make_edit_hook(edits: list[tuple[int, Edit]], batch_size: int):
