@@ -26,8 +26,9 @@ Here
    batch dimension and copy ``c`` patches component ``c``;
 3. a patched run **starts at the patched layer** from the cached residual stream of the run being
    patched (nothing upstream of the patch can change), skipping the layers below it. (The bridge's
-   own ``start_at_layer`` still executes the lower blocks and discards their output; we also take
-   them out of the module list for the duration of the call.)
+   own ``start_at_layer`` still executes the lower blocks and discards their output; we also make
+   them pass their input straight through for the duration of the call — they stay in the layer
+   list, which Gemma-2/3 index by position to pick each layer's attention mask.)
 4. when the metric only reads each prompt's last real token (detected automatically, see
    ``logit_positions``), the unembedding is computed only there, and
 5. positions before the first token where the clean and corrupted prompts differ are computed
