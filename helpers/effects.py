@@ -79,6 +79,7 @@ from helpers.ablation import (
     stacked_ablation_hooks,
 )
 from helpers.models import norm_eps, norm_gain, post_sublayer_norm, post_sublayer_norm_hook
+from helpers.patching.engine import skip_blocks_below
 from helpers.prompts import TokenBatch
 
 FreezeTarget = Literal["final_norm", "later_heads", "later_mlps"]
@@ -622,24 +623,6 @@ def _chunks(components: Sequence[Component], chunk_size: int, skip_prefix: bool)
     return [(idx[i : i + chunk_size], layer) for layer, idx in sorted(by_layer.items()) for i in range(0, len(idx), chunk_size)]
 
 
-def _passthrough(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    return hidden_states
-
-
-@contextmanager
-def _skip_blocks_before(model: Any, layer: int) -> Iterator[None]:
-    """Blocks ``0..layer-1`` return their input unchanged (their work would be thrown away by
-    ``start_at_layer`` anyway); restored on exit."""
-    skipped = list(model.blocks)[:layer]
-    for block in skipped:  # object.__setattr__: the bridge would forward a plain setattr to the HF module
-        object.__setattr__(block, "forward", _passthrough)
-    try:
-        yield
-    finally:
-        for block in skipped:
-            object.__delattr__(block, "forward")
-
-
 def _run_to_final(model: Any, inputs: torch.Tensor, mask: torch.Tensor, hooks: list[Hook], start_layer: int = 0) -> None:
     """Forward pass with ``hooks``; a hook on ``ln_final.hook_in`` ends it by raising _StopForward.
 
@@ -649,7 +632,7 @@ def _run_to_final(model: Any, inputs: torch.Tensor, mask: torch.Tensor, hooks: l
     try:
         with model.hooks(fwd_hooks=hooks):
             if start_layer:
-                with _skip_blocks_before(model, start_layer):
+                with skip_blocks_below(model, start_layer):
                     model(inputs, attention_mask=mask, start_at_layer=start_layer)
             else:
                 model(inputs, attention_mask=mask)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -309,28 +309,34 @@ class _Patcher:
             cache.update(keys.repeat(n_copies, 1, 1, 1), values.repeat(n_copies, 1, 1, 1), layer)
         return cache
 
-    @contextlib.contextmanager
     def _skip_blocks_below(self, start: int):
-        """Temporarily make blocks ``0..start-1`` return their input unchanged.
+        """:func:`skip_blocks_below` on this patcher's model."""
+        return skip_blocks_below(self.model, start)
 
-        The bridge's ``start_at_layer`` swaps the cached residual in at block ``start`` but still runs
-        the blocks below it; passing their input through skips that wasted work. The blocks stay in
-        the wrapped model's layer list: models that look up per-layer settings by position in that
-        list (Gemma-2/3 pick each layer's sliding-window or global mask and rotary base from
-        ``config.layer_types[i]``) would otherwise give block ``start`` the settings of block 0.
-        Hooks live on the block modules themselves, so they are unaffected.
-        """
-        if start <= 0:
-            yield
-            return
-        skipped = list(self.model.blocks)[:start]
-        for block in skipped:  # object.__setattr__: the bridge would forward a plain setattr to the HF module
-            object.__setattr__(block, "forward", _passthrough)
-        try:
-            yield
-        finally:
-            for block in skipped:
-                object.__delattr__(block, "forward")
+
+@contextlib.contextmanager
+def skip_blocks_below(model: Any, start: int) -> Iterator[None]:
+    """Temporarily make blocks ``0..start-1`` of ``model`` return their input unchanged.
+
+    The bridge's ``start_at_layer`` swaps the cached residual in at block ``start`` but still runs
+    the blocks below it; passing their input through skips that wasted work. The blocks stay in
+    the wrapped model's layer list: models that look up per-layer settings by position in that
+    list (Gemma-2/3 pick each layer's sliding-window or global mask and rotary base from
+    ``config.layer_types[i]``) would otherwise give block ``start`` the settings of block 0.
+    Hooks live on the block modules themselves, so they are unaffected. Also used by
+    :mod:`helpers.effects`.
+    """
+    if start <= 0:
+        yield
+        return
+    skipped = list(model.blocks)[:start]
+    for block in skipped:  # object.__setattr__: the bridge would forward a plain setattr to the HF module
+        object.__setattr__(block, "forward", _passthrough)
+    try:
+        yield
+    finally:
+        for block in skipped:
+            object.__delattr__(block, "forward")
 
 
 def _passthrough(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
