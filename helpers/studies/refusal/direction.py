@@ -49,7 +49,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from helpers.studies.refusal.data import (  # noqa: F401  (re-exported: the study's data API)
-    DATA_DIR, KINDS, SPLITS, load_harmbench, load_harmbench_requests, load_instructions, load_split_requests,
+    DATA_DIR, KINDS, SPLITS, Request, load_harmbench, load_harmbench_requests, load_instructions, load_split_requests,
     load_style_shift, load_style_shift_requests,
 )
 from helpers.studies.refusal.judges import (  # noqa: F401  (re-exported: the judges)
@@ -775,6 +775,21 @@ def load_study_instructions(run: Any, *, n_train: int, n_val: int, n_test: int) 
             for split, n in sizes.items()}
 
 
+def _groups_in_turns(requests: Sequence[Request], n: int, group: Callable[[Request], str], seed: str) -> list[Request]:
+    """``n`` of ``requests``, taking the groups (``group(request)``) in turn, a seeded order within
+    each group (``Random(f"{seed}|{group}")``); returned in the original order."""
+    import random
+
+    by_group: dict[str, list[int]] = {}
+    for index, request in enumerate(requests):
+        by_group.setdefault(group(request), []).append(index)
+    for name, indices in by_group.items():
+        random.Random(f"{seed}|{name}").shuffle(indices)
+    turns = [indices[i] for i in range(max(map(len, by_group.values()))) for indices in by_group.values()
+             if i < len(indices)]
+    return [requests[i] for i in sorted(turns[:n])]
+
+
 def load_study_harmbench(n: int | None = None, *, exclude: Iterable[str] = (), seed: int = 0) -> list[str]:
     """``n`` HarmBench standard behaviours (:func:`helpers.studies.refusal.data.load_harmbench_requests`;
     ``None``: all 200), with HarmBench's six semantic categories taken in turn (seeded order within
@@ -784,22 +799,13 @@ def load_study_harmbench(n: int | None = None, *, exclude: Iterable[str] = (), s
     because the paper's training splits include HarmBench behaviours. On the embedded model nothing
     from HarmBench is used for tuning or selection: it is a harmful test set written by another team.
     """
-    import random
-
     seen = set(exclude)
     requests = [r for r in load_harmbench_requests() if r.text not in seen]
     if n is None:
         return [r.text for r in requests]
     if n > len(requests):
         raise ValueError(f"HarmBench has {len(requests)} standard behaviours left after exclusions; asked for {n}.")
-    by_category: dict[str, list[int]] = {}
-    for index, request in enumerate(requests):
-        by_category.setdefault(request.category, []).append(index)
-    for category, indices in by_category.items():
-        random.Random(f"{seed}|harmbench|{category}").shuffle(indices)
-    turns = [indices[i] for i in range(max(map(len, by_category.values()))) for indices in by_category.values()
-             if i < len(indices)]
-    return [requests[i].text for i in sorted(turns[:n])]
+    return [r.text for r in _groups_in_turns(requests, n, lambda r: r.category, f"{seed}|harmbench")]
 
 
 def load_study_style_shift(n: int | None = None, *, seed: int = 0) -> dict[str, list[str]]:
@@ -810,8 +816,6 @@ def load_study_style_shift(n: int | None = None, *, seed: int = 0) -> dict[str, 
     alias: the file cycles through the voices within each category.) The same set in every
     profile: it is this project's held-out check that refusal and its direction generalise beyond
     one style of request."""
-    import random
-
     out = {}
     for kind in KINDS:
         requests = [r for r in load_style_shift_requests() if r.kind == kind]
@@ -820,14 +824,7 @@ def load_study_style_shift(n: int | None = None, *, seed: int = 0) -> dict[str, 
             continue
         if n > len(requests):
             raise ValueError(f"style-shift set, {kind} has {len(requests)} instructions; asked for {n}.")
-        by_voice: dict[str, list[int]] = {}
-        for index, request in enumerate(requests):
-            by_voice.setdefault(request.style or "", []).append(index)
-        for voice, indices in by_voice.items():
-            random.Random(f"{seed}|{kind}|{voice}").shuffle(indices)
-        turns = [indices[i] for i in range(max(map(len, by_voice.values()))) for indices in by_voice.values()
-                 if i < len(indices)]
-        out[kind] = [requests[i].text for i in sorted(turns[:n])]
+        out[kind] = [r.text for r in _groups_in_turns(requests, n, lambda r: r.style or "", f"{seed}|{kind}")]
     return out
 
 
