@@ -8,7 +8,6 @@ these fast; the embedded-model tests are marked ``embedded``.
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -16,8 +15,6 @@ import torch
 from helpers import metrics, patching
 from helpers.patching.engine import _Patcher
 from helpers.prompts import TokenBatch, single_token_id, tokenize
-
-warnings.filterwarnings("ignore")
 
 # IOI-style prompts written inline (the study's generator lives elsewhere). Different lengths, so the
 # tiny-llama batch is left-padded; the "equal" set has one token length for transformer_lens' functions.
