@@ -301,6 +301,86 @@ def test_shared_prefix_is_computed_once(llama):
     assert full.p0 == 0
 
 
+def _first_difference(s):
+    differs = (s.clean.tokens != s.corrupted.tokens) | (s.clean.attention_mask != s.corrupted.attention_mask)
+    return int(differs.any(0).nonzero()[0])
+
+
+def _assert_resid_pre_layer_matches_naive(s, result, layer=1):
+    for pos in range(s.clean.tokens.shape[1]):
+        expected = s.naive(f"blocks.{layer}.hook_resid_pre", (S, pos))
+        assert result.values[0, pos].item() == pytest.approx(expected, abs=1e-5), pos
+
+
+def test_shared_prefix_fast_path_says_whether_it_is_on(llama):
+    s = llama
+    on = patching.patch_residual(s.model, s.clean, s.corrupted, s.metric, layers=[1], progress=False)
+    assert on.meta["shared_prefix_positions"] == _first_difference(s) > 0
+    assert "shared_prefix_off" not in on.meta
+    with torch.no_grad():
+        clean_logits = s.run(s.clean)
+
+    def reads_every_position(logits):
+        return (logits - clean_logits).pow(2).mean()
+
+    off = patching.patch_residual(s.model, s.clean, s.corrupted, reads_every_position, layers=[1], progress=False)
+    assert off.meta["shared_prefix_positions"] == 0
+    assert "every position" in off.meta["shared_prefix_off"]
+
+
+def test_shared_prefix_fast_path_off_when_the_model_hands_back_no_cache(llama, monkeypatch):
+    """A model without a Hugging Face KV cache: a SharedPrefixWarning and the reason in meta; the results
+    stay those of the naive loop."""
+    s = llama
+    forward = s.model.forward
+
+    def without_cache(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        return (out[0], None) if kwargs.get("return_type") == "logits_and_cache" else out
+
+    monkeypatch.setattr(s.model, "forward", without_cache)
+    with pytest.warns(patching.SharedPrefixWarning, match="no Hugging Face cache"):
+        result = patching.patch_residual(s.model, s.clean, s.corrupted, s.metric, layers=[1], progress=False)
+    assert result.meta["shared_prefix_positions"] == 0 and "NoneType" in result.meta["shared_prefix_off"]
+    _assert_resid_pre_layer_matches_naive(s, result)
+
+
+def test_shared_prefix_fast_path_off_when_the_suffix_run_does_not_reproduce_the_full_run(llama, monkeypatch):
+    """A cache whose prefix keys/values are wrong (as for a model whose attention ignores the cache): the
+    setup check catches it, warns, and the sweep runs over every position."""
+    from transformers import DynamicCache
+
+    s = llama
+
+    def zeroed_prefix(self, n_copies):
+        cache = DynamicCache()
+        for layer, (keys, values) in enumerate(self.prefix_kv):
+            cache.update(torch.zeros_like(keys).repeat(n_copies, 1, 1, 1),
+                         torch.zeros_like(values).repeat(n_copies, 1, 1, 1), layer)
+        return cache
+
+    monkeypatch.setattr(_Patcher, "_prefix_cache", zeroed_prefix)
+    with pytest.warns(patching.SharedPrefixWarning, match="does not reproduce the full run"):
+        result = patching.patch_residual(s.model, s.clean, s.corrupted, s.metric, layers=[1], progress=False)
+    assert result.meta["shared_prefix_positions"] == 0
+    _assert_resid_pre_layer_matches_naive(s, result)
+
+
+def test_unexpected_error_while_setting_up_the_fast_path_propagates(llama, monkeypatch):
+    """Only the known "no usable cache" cases switch the fast path off; any other error is a bug and is raised."""
+    s = llama
+    forward = s.model.forward
+
+    def broken(*args, **kwargs):
+        if kwargs.get("return_type") == "logits_and_cache":
+            raise RuntimeError("a bug in the cache path")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(s.model, "forward", broken)
+    with pytest.raises(RuntimeError, match="a bug in the cache path"):
+        patching.patch_residual(s.model, s.clean, s.corrupted, s.metric, layers=[1], progress=False)
+
+
 def test_batched_and_unbatched_runs_agree(llama):
     s = llama
     small = patching.patch_heads(s.model, s.clean, s.corrupted, s.metric, max_batch_tokens=1, progress=False)
