@@ -233,6 +233,38 @@ def test_layer_window_and_layer_outputs_match_naive_loop(llama, component):
         assert single.values[layer].item() == pytest.approx(s.naive(f"blocks.{layer}.{site}", (S,)), abs=1e-5)
 
 
+@pytest.mark.parametrize("window", [3, 4, 5])
+@pytest.mark.parametrize("component", ["attn", "mlp"])
+def test_layer_windows_of_three_or_more_layers_match_naive_loop(gpt2, component, window):
+    """Windows centred on each layer (Meng et al.): layers l - window//2 .. l - window//2 + window - 1, clipped
+    to the model; odd and even sizes and one wider than the model; all positions and one position."""
+    s = gpt2
+    n_layers, n_pos = s.model.cfg.n_layers, s.clean.tokens.shape[1]
+    site = f"hook_{component}_out"
+    with torch.no_grad():
+        _, clean_cache = s.model.run_with_cache(s.clean.tokens, attention_mask=s.clean.attention_mask)
+    expected_windows = []
+    for layer in range(n_layers):
+        lowest = layer - window // 2
+        expected_windows.append([i for i in range(lowest, lowest + window) if 0 <= i < n_layers])
+    for positions in (None, [n_pos - 1]):
+        result = patching.patch_layer_window(s.model, s.clean, s.corrupted, s.metric, component=component,
+                                             window=window, positions=positions, progress=False)
+        assert result.meta["windows"] == expected_windows
+        assert result.labels["layer"] == [f"{w[0]}-{w[-1]}" for w in expected_windows]
+        at = slice(None) if positions is None else positions
+        for layer, members in enumerate(expected_windows):
+            def patch(act, hook):
+                act = act.clone()
+                act[:, at] = clean_cache[hook.name][:, at]
+                return act
+
+            hooks = [(f"blocks.{i}.{site}", patch) for i in members]
+            expected = s.metric(s.run(s.corrupted, hooks)).item()
+            assert result.values[layer].item() == pytest.approx(expected, abs=1e-6), (positions, layer)
+        assert float((result.values - s.corrupted_value).abs().max()) > 1e-3  # the patches matter
+
+
 def test_patch_hook_single_run_matches_naive(llama):
     s = llama
     value = patching.patch_hook(s.model, s.clean, s.corrupted, s.metric, "blocks.1.mlp.hook_post", positions=[-1])
@@ -431,13 +463,16 @@ def test_agrees_with_transformer_lens_patching(setup_name, request):
 # --------------------------------------------------------------------------------------------------
 
 
-def _naive_path_patch(s, senders, receivers, receiver_input, direction="noise"):
-    """Direct implementation for standard attention: freeze all heads but the senders, record the receivers'
-    q/k/v input, then patch exactly that input of the receivers (per head: needs n_kv_heads == n_heads for
-    k/v; q is always per query head)."""
+def _naive_path_patch(s, senders, receivers, receiver_input, direction="noise", *, freeze_mlps=False,
+                      receiver_positions=None):
+    """Direct implementation for standard attention: freeze all heads but the senders (and, with
+    ``freeze_mlps``, every MLP output) to the target run, record the receivers' q/k/v input, then patch
+    exactly that input of the receivers, at ``receiver_positions`` only if given (per head: needs
+    n_kv_heads == n_heads for k/v; q is always per query head)."""
     model = s.model
     target, source = (s.clean, s.corrupted) if direction == "noise" else (s.corrupted, s.clean)
     n_layers = model.cfg.n_layers
+    at = slice(None) if receiver_positions is None else list(receiver_positions)
     with torch.no_grad():
         _, tcache = model.run_with_cache(target.tokens, attention_mask=target.attention_mask)
         _, scache = model.run_with_cache(source.tokens, attention_mask=source.attention_mask)
@@ -453,6 +488,9 @@ def _naive_path_patch(s, senders, receivers, receiver_input, direction="noise"):
             return out
 
         hooks.append((name, freeze))
+        if freeze_mlps:
+            mlp = f"blocks.{layer}.hook_mlp_out"
+            hooks.append((mlp, lambda act, hook, mlp=mlp: tcache[mlp].clone()))
     recorded = {}
     for layer in {l_ for l_, _ in receivers}:
         name = f"blocks.{layer}.attn.hook_{receiver_input}"
@@ -466,7 +504,7 @@ def _naive_path_patch(s, senders, receivers, receiver_input, direction="noise"):
             act = act.clone()
             for l_, h in receivers:
                 if l_ == layer:
-                    act[:, :, h] = recorded[name][:, :, h]
+                    act[:, at, h] = recorded[name][:, at, h]
             return act
 
         patch_hooks.append((name, patch))
@@ -483,6 +521,44 @@ def test_path_patch_matches_direct_implementation_on_mha(gpt2, receiver_input):
         assert ours == pytest.approx(expected, abs=1e-5), (senders, receivers)
         effects.append(abs(expected - s.clean_value))
     assert max(effects) > 2e-4  # the paths matter, so the comparison can fail
+
+
+@pytest.mark.parametrize("setup_name, receiver_input, senders, receivers", [
+    ("gpt2", "q", [(0, 1)], [(2, 0), (2, 3)]), ("gpt2", "k", [(0, 1)], [(2, 0), (2, 3)]),
+    ("gpt2", "v", [(0, 0), (1, 2)], [(2, 1)]), ("llama", "q", [(0, 2)], [(2, 1), (1, 3)]),
+])
+def test_path_patch_options_match_direct_implementation(setup_name, receiver_input, senders, receivers, request):
+    """direction="denoise", freeze_mlps and receiver_positions (the IOI notebook's S-inhibition search patches
+    the receivers' queries at END only) against the direct implementation; each option changes the result
+    here by far more than the tolerance, so a path patch that ignored it would fail."""
+    s = request.getfixturevalue(setup_name)
+    n_pos = s.clean.tokens.shape[1]
+    plain = patching.path_patch(s.model, s.clean, s.corrupted, s.metric, senders, receivers, receiver_input)
+    options = [
+        dict(direction="denoise"),
+        dict(freeze_mlps=True),
+        dict(receiver_positions=[n_pos - 3, -1]),
+        dict(direction="denoise", freeze_mlps=True, receiver_positions=[n_pos - 3, -1]),
+    ]
+    changed = {}
+    for option in options:
+        ours = patching.path_patch(s.model, s.clean, s.corrupted, s.metric, senders, receivers, receiver_input,
+                                   **option)
+        naive_option = dict(option)
+        if "receiver_positions" in naive_option:
+            naive_option["receiver_positions"] = [p % n_pos for p in naive_option["receiver_positions"]]
+        expected = _naive_path_patch(s, senders, receivers, receiver_input, **naive_option)
+        assert ours == pytest.approx(expected, abs=2e-6), option
+        changed[tuple(option)] = abs(expected - plain)
+    assert changed[("direction",)] > 1e-3 and changed[("freeze_mlps",)] > 1e-4, changed
+    if (setup_name, receiver_input) != ("gpt2", "q"):  # layer-2 queries before END cannot reach the metric
+        assert changed[("receiver_positions",)] > 2e-5, changed
+
+
+def test_path_patch_receiver_positions_for_shared_keys_values_fail_clearly(llama):
+    s = llama
+    with pytest.raises(NotImplementedError, match="receiver_positions"):
+        patching.path_patch(s.model, s.clean, s.corrupted, s.metric, [(0, 0)], [(2, 0)], "k", receiver_positions=[-1])
 
 
 def test_path_patch_queries_on_gqa_model_matches_direct_implementation(llama):
