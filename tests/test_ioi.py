@@ -193,16 +193,123 @@ def test_attention_scores_match_the_cache(tiny, data):
     assert float(scores["previous token"][layer, head]) == pytest.approx(total / count, abs=1e-5)
 
 
-def test_copy_scores_range_and_sign(tiny, data):
-    heads = [(0, 0), (2, 3)]
+def _naive_copy_logits(model, layer, head, names, negative=False):
+    """The copy score's logits ``[name, d_vocab]`` written out from the Hugging Face weights (not the bridge's
+    W_V/W_O): the name's residual after the embedding and block 0's MLP (block 0's attention off), the
+    head's input norm, value and output projections — query head ``h`` of a grouped-query model reads
+    value head ``h // (n_heads / n_kv_heads)`` — then the final norm and the unembedding."""
+    import math
+
+    cfg, hf = model.cfg, model.original_model
+    d_head, n_heads = cfg.d_head, cfg.n_heads
+    ids = torch.tensor([model.tokenizer(" " + n, add_special_tokens=False)["input_ids"][0] for n in names])
+    if hasattr(hf, "transformer"):  # GPT-2: LayerNorm, Conv1D weights [in, out], learned positions
+        t, eps = hf.transformer, hf.config.layer_norm_epsilon
+
+        def ln(x, module):
+            return torch.nn.functional.layer_norm(x, (cfg.d_model,), module.weight, module.bias, eps)
+
+        def gelu_new(x):
+            return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+        x = t.wte.weight[ids] + t.wpe.weight[1]  # BOS at position 0, the name at position 1
+        block0 = t.h[0]
+        x = x + gelu_new(ln(x, block0.ln_2) @ block0.mlp.c_fc.weight + block0.mlp.c_fc.bias) @ block0.mlp.c_proj.weight \
+            + block0.mlp.c_proj.bias
+        attn = t.h[layer].attn
+        value_cols = slice(2 * cfg.d_model + head * d_head, 2 * cfg.d_model + (head + 1) * d_head)
+        v = ln(x, t.h[layer].ln_1) @ attn.c_attn.weight[:, value_cols] + attn.c_attn.bias[value_cols]
+        out = v @ attn.c_proj.weight[head * d_head:(head + 1) * d_head]
+        final = ln(-out if negative else out, t.ln_f)
+        return final @ t.wte.weight.T, ids
+    m, eps = hf.model, hf.config.rms_norm_eps
+
+    def rms(x, module):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * module.weight
+
+    x = m.embed_tokens.weight[ids]  # rotary positions only touch attention, which is off in block 0
+    mlp = m.layers[0].mlp
+    h0 = rms(x, m.layers[0].post_attention_layernorm)
+    x = x + (torch.nn.functional.silu(h0 @ mlp.gate_proj.weight.T) * (h0 @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
+    attn = m.layers[layer].self_attn
+    kv = head // (n_heads // cfg.n_key_value_heads)
+    v = rms(x, m.layers[layer].input_layernorm) @ attn.v_proj.weight[kv * d_head:(kv + 1) * d_head].T
+    out = v @ attn.o_proj.weight[:, head * d_head:(head + 1) * d_head].T
+    final = rms(-out if negative else out, m.norm)
+    return final @ hf.lm_head.weight.T, ids
+
+
+def _naive_copy_score_bounds(model, layer, head, names, top_k, negative=False):
+    """(lowest, highest) score the naive logits allow: a name whose logit is within float noise of the
+    k-th largest could fall on either side of the top-k cut, and counts as in for the upper bound only."""
+    with torch.no_grad():
+        logits, ids = _naive_copy_logits(model, layer, head, names, negative)
+    own = logits.gather(1, ids[:, None])[:, 0]
+    cut = logits.topk(top_k, dim=-1).values[:, -1]
+    noise = 1e-4 * logits.abs().amax(-1).clamp(min=1e-6)
+    surely_in, maybe_in = own > cut + noise, own >= cut - noise
+    return surely_in.float().mean().item(), maybe_in.float().mean().item()
+
+
+@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-gpt2"])
+def test_copy_scores_match_a_naive_implementation(model_name, data):
+    """Every head, both signs, against the definition written out from the HF weights (random weights
+    scaled up so that the logits spread, and random norm weights and biases so that the norms and b_V
+    matter; a top_k in the tail, where the scores vary between heads)."""
+    model = load_model(model_name, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.original_model.named_parameters():
+            if param.ndim == 2 and ("attn" in name or "mlp" in name):
+                param.mul_(4.0)
+            elif param.ndim == 1:  # norm weights around 1, biases around 0
+                noise = torch.randn(param.shape, generator=generator)
+                param.copy_(0.2 * noise if name.endswith("bias") else 1.0 + 0.5 * noise)
     names = data.name_pool[:20]
-    positive = ioi.copy_scores(tiny, heads, names)
-    negative = ioi.copy_scores(tiny, heads, names, negative=True)
-    assert set(positive) == set(heads)
-    assert all(0.0 <= v <= 1.0 for v in positive.values())
-    assert all(0.0 <= v <= 1.0 for v in negative.values())
+    heads = [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
+    top_k = 5000
+    seen = set()
+    for negative in (False, True):
+        scores = ioi.copy_scores(model, heads, names, top_k=top_k, negative=negative)
+        assert list(scores) == heads
+        for layer, head in heads:
+            low, high = _naive_copy_score_bounds(model, layer, head, names, top_k, negative)
+            assert low <= scores[(layer, head)] <= high, (layer, head, negative, low, high)
+            assert high - low <= 0.05 + 1e-6  # at most one of the 20 names is ambiguous
+            seen.add(round(low, 3))
+    assert len(seen) >= 4, f"the scores should differ between heads so that the comparison can fail: {seen}"
+
+
+def test_copy_scores_read_each_query_heads_own_value_head_in_grouped_query_attention(data):
+    """A hand-built layer of tiny-llama (4 query heads, 2 key/value heads): value head 0 and value head 1
+    carry opposite OV circuits that copy (resp. anti-copy) 16 names exactly; query heads 0, 1 read value
+    head 0 and 2, 3 read value head 1. So heads 0, 1 copy every name (score 1, negative score 0) and heads
+    2, 3 write minus every name (score 0, negative score 1). Reading value head ``h`` or ``h % 2`` instead
+    of ``h // 2`` gives other scores."""
+    model = load_model("tiny-llama", seed=0)
+    cfg, hf = model.cfg, model.original_model
+    layer, d_head = 1, cfg.d_head
+    assert (cfg.n_heads, cfg.n_key_value_heads) == (4, 2)
+    names = data.name_pool[:d_head]
+    resid, ids = ioi.name_token_residuals(model, names)
+    with torch.no_grad():
+        normed = model.blocks[layer].ln1(resid[None])[0]                     # [name, d_model]
+        targets = hf.lm_head.weight[ids] / hf.model.norm.weight              # after the final norm: W_U[name]
+        gram = normed @ normed.T                                             # [name, name], invertible
+        values = normed.T                                                    # W_V: v = Gram row of the name
+        outputs = torch.linalg.solve(gram, targets)                          # W_O: Gram row -> target
+        attn = hf.model.layers[layer].self_attn
+        attn.v_proj.weight[:d_head] = values.T                               # value head 0
+        attn.v_proj.weight[d_head:2 * d_head] = -values.T                    # value head 1: the opposite
+        for head in range(cfg.n_heads):
+            attn.o_proj.weight[:, head * d_head:(head + 1) * d_head] = outputs.T
+    heads = [(layer, h) for h in range(cfg.n_heads)]
+    assert ioi.copy_scores(model, heads, names, top_k=1) == {(layer, 0): 1.0, (layer, 1): 1.0, (layer, 2): 0.0,
+                                                             (layer, 3): 0.0}
+    assert ioi.copy_scores(model, heads, names, top_k=1, negative=True) == {(layer, 0): 0.0, (layer, 1): 0.0,
+                                                                             (layer, 2): 1.0, (layer, 3): 1.0}
     # top_k = vocabulary size: every name is always in the top k
-    assert ioi.copy_scores(tiny, [(0, 0)], names[:3], top_k=tiny.cfg.d_vocab)[(0, 0)] == 1.0
+    assert ioi.copy_scores(model, heads[:1], names[:3], top_k=cfg.d_vocab)[heads[0]] == 1.0
 
 
 def test_mean_ablation_keeps_and_replaces_exactly(tiny, data):
