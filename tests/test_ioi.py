@@ -171,7 +171,12 @@ def test_baseline_matches_metrics(tiny, data):
     assert base["logit_diff"] == pytest.approx(logit_diff(logits, data.answer_tokens, batch=data.batch).item(), abs=1e-5)
     last = logits[:, -1].softmax(-1)
     assert base["p_io"] == pytest.approx(last.gather(1, data.answer_tokens[:, :1]).mean().item(), abs=1e-6)
-    assert 0.0 <= base["frac_io_above_s"] <= 1.0
+    assert base["p_s"] == pytest.approx(last.gather(1, data.answer_tokens[:, 1:]).mean().item(), abs=1e-6)
+    # the fraction of prompts whose IO logit beats the S logit, counted one prompt at a time
+    above = [float(logits[i, -1, data.answer_tokens[i, 0]] > logits[i, -1, data.answer_tokens[i, 1]])
+             for i in range(len(data))]
+    assert base["frac_io_above_s"] == pytest.approx(sum(above) / len(above), abs=1e-6)  # float32 mean
+    assert 0 < sum(above) < len(above)  # a random model: some prompts each way, so a wrong count shows
 
 
 def test_attention_scores_match_the_cache(tiny, data):
@@ -347,19 +352,125 @@ def test_mean_ablation_keeps_and_replaces_exactly(tiny, data):
         ioi.mean_ablation_hooks(tiny, data, make_ioi_dataset(tiny, 4, seed=0, templates="BABA").abc(), keep=circuit)
 
 
-def test_faithfulness_minimality_completeness_shapes(tiny, data):
+def _naive_circuit_logit_diff(model, data, reference, circuit=None, knock_out=()):
+    """F written out: every head's z at a position where it is not kept is replaced by its mean over the
+    reference prompts of the same template string at that position. ``circuit=None``: all heads kept
+    except ``knock_out`` (M \\ K); else only the circuit's heads at their word positions, minus
+    ``knock_out`` (C \\ K). Mean logit(IO) - logit(S) at the last position (the batch is left-padded)."""
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    batch, width = data.batch.tokens.shape
+    names = [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
+    with torch.no_grad():
+        _, ref_cache = model.run_with_cache(reference.batch.tokens, attention_mask=reference.batch.attention_mask,
+                                            names_filter=names)
+    removed = {tuple(h) for h in knock_out}
+    hooks = []
+    for layer, name in enumerate(names):
+        kept = torch.zeros(batch, width, n_heads, dtype=torch.bool)
+        if circuit is None:
+            kept[:] = True
+            for l_, h in removed:
+                if l_ == layer:
+                    kept[:, :, h] = False
+        else:
+            for (l_, h), keys in circuit.items():
+                if l_ == layer and (l_, h) not in removed:
+                    for key in keys:
+                        for row in range(batch):
+                            kept[row, int(data.word_positions[key][row]), h] = True
+        means = torch.stack([ref_cache[name][[j for j, t in enumerate(reference.templates) if t == template]].mean(0)
+                             for template in data.templates])  # [batch, pos, head, d_head]
+
+        def hook(z, hook, kept=kept, means=means):
+            return torch.where(kept[..., None], z, means)
+
+        hooks.append((name, hook))
+    with torch.no_grad():
+        logits = model.run_with_hooks(data.batch.tokens, attention_mask=data.batch.attention_mask, fwd_hooks=hooks)
+    last = logits[:, -1]
+    rows = torch.arange(batch)
+    return (last[rows, data.answer_tokens[:, 0]] - last[rows, data.answer_tokens[:, 1]]).mean().item()
+
+
+@pytest.fixture(scope="module")
+def sharp():
+    """tiny-llama with larger attention/MLP weights: ablation effects well above float noise."""
+    model = load_model("tiny-llama", seed=0)
+    with torch.no_grad():
+        for name, param in model.original_model.named_parameters():
+            if param.ndim == 2 and ("attn" in name or "mlp" in name):
+                param.mul_(4.0)
+    return model
+
+
+CLASSES = {"name mover": [(2, 1), (2, 0)], "s-inhibition": [(1, 0), (1, 2)], "induction": [(1, 3)]}
+
+
+def test_faithfulness_matches_a_naive_mean_ablation(sharp):
+    data = make_ioi_dataset(sharp, 24, seed=3, templates="mixed")
     abc = data.abc()
-    classes = {"name mover": [(2, 1), (2, 0)], "induction": [(1, 3)]}
-    circuit = ioi.circuit_from_classes(classes)
-    assert circuit == {(1, 3): ("S2",), (2, 0): ("END",), (2, 1): ("END",)}
-    report = ioi.faithfulness(tiny, data, abc, circuit)
-    assert report.full_model == pytest.approx(ioi.ioi_baseline(tiny, data)["logit_diff"], abs=1e-5)
+    circuit = ioi.circuit_from_classes(CLASSES)
+    assert circuit == {(1, 0): ("END",), (1, 2): ("END",), (1, 3): ("S2",), (2, 0): ("END",), (2, 1): ("END",)}
+    report = ioi.faithfulness(sharp, data, abc, circuit)
+    assert report.full_model == pytest.approx(ioi.ioi_baseline(sharp, data)["logit_diff"], abs=1e-6)
+    assert report.full_model == pytest.approx(_naive_circuit_logit_diff(sharp, data, abc), abs=1e-6)
+    assert report.circuit == pytest.approx(_naive_circuit_logit_diff(sharp, data, abc, circuit), abs=1e-6)
+    assert report.everything_ablated == pytest.approx(_naive_circuit_logit_diff(sharp, data, abc, {}), abs=1e-6)
     assert report.fraction_recovered == pytest.approx(report.circuit / report.full_model)
-    mini = ioi.minimality_scores(tiny, data, abc, circuit, classes, progress=False)
-    assert list(mini["head"]) == ["1.3", "2.0", "2.1"] and (mini["score"] >= 0).all()
-    comp = ioi.completeness_scores(tiny, data, abc, circuit, classes, n_random=2, progress=False)
-    assert comp.iloc[0]["K"] == "∅" and len(comp) == 1 + 2 + 2
-    assert comp.iloc[0]["F(C\\K)"] == pytest.approx(report.circuit, abs=1e-5)
+    assert abs(report.circuit - report.full_model) > 5e-4 and abs(report.circuit - report.everything_ablated) > 5e-4
+
+
+def test_minimality_scores_match_a_naive_recomputation(sharp):
+    """For each circuit head v: max over K in {∅, v's other class members} of |F(C \\ (K ∪ {v})) - F(C \\ K)|,
+    with F written out (:func:`_naive_circuit_logit_diff`)."""
+    data = make_ioi_dataset(sharp, 24, seed=3, templates="mixed")
+    abc = data.abc()
+    circuit = ioi.circuit_from_classes(CLASSES)
+    head_class = {head: cls for cls, heads in CLASSES.items() for head in heads}
+    f_model = _naive_circuit_logit_diff(sharp, data, abc)
+    mini = ioi.minimality_scores(sharp, data, abc, circuit, CLASSES, progress=False).set_index("head")
+    assert list(mini.index) == [f"{l}.{h}" for l, h in circuit]
+    chose_class = 0
+    for head in circuit:
+        others = [h for h in CLASSES[head_class[head]] if h != head]
+        by_k = {"∅": abs(_naive_circuit_logit_diff(sharp, data, abc, circuit, [head])
+                        - _naive_circuit_logit_diff(sharp, data, abc, circuit))}
+        if others:
+            by_k["same class"] = abs(_naive_circuit_logit_diff(sharp, data, abc, circuit, [head, *others])
+                                     - _naive_circuit_logit_diff(sharp, data, abc, circuit, others))
+        best = max(by_k, key=by_k.get)
+        row = mini.loc[f"{head[0]}.{head[1]}"]
+        assert row["class"] == head_class[head]
+        assert row["score"] == pytest.approx(by_k[best], abs=1e-6), (head, by_k)
+        assert row["K"] == best, (head, by_k)
+        assert row["fraction_of_F(M)"] == pytest.approx(by_k[best] / f_model, rel=1e-4)
+        assert row["score"] > 2e-5  # every head matters a little, so a wrong F shows
+        chose_class += best == "same class"
+    assert 0 < chose_class < len(circuit), "both choices of K should occur, so that a wrong choice shows"
+
+
+def test_completeness_scores_match_a_naive_recomputation(sharp):
+    """|F(C \\ K) - F(M \\ K)| for K = ∅, each class, and seeded random halves of the circuit (each head in
+    with probability 1/2, drawn from random.Random(seed) in circuit order)."""
+    import random
+
+    data = make_ioi_dataset(sharp, 24, seed=3, templates="mixed")
+    abc = data.abc()
+    circuit = ioi.circuit_from_classes(CLASSES)
+    comp = ioi.completeness_scores(sharp, data, abc, circuit, CLASSES, n_random=3, seed=5, progress=False)
+    rng = random.Random(5)
+    sets = [("∅", [])] + [(cls, heads) for cls, heads in CLASSES.items()]
+    sets += [(f"random half {i + 1}", [h for h in circuit if rng.random() < 0.5]) for i in range(3)]
+    assert list(comp["K"]) == [label for label, _ in sets]
+    for (label, knock), (_, row) in zip(sets, comp.iterrows()):
+        f_c = _naive_circuit_logit_diff(sharp, data, abc, circuit, knock)
+        f_m = _naive_circuit_logit_diff(sharp, data, abc, None, knock)
+        assert row["size"] == len(knock), label
+        assert row["F(C\\K)"] == pytest.approx(f_c, abs=1e-6), label
+        assert row["F(M\\K)"] == pytest.approx(f_m, abs=1e-6), label
+        assert row["incompleteness"] == pytest.approx(abs(f_c - f_m), abs=1e-6), label
+    assert comp["incompleteness"].max() > 1e-3
+    assert len({tuple(k) for _, k in sets[-3:]}) > 1  # the random halves differ
 
 
 def test_class_rules_follow_the_thresholds():
