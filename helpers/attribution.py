@@ -4,7 +4,11 @@
   neuron writes *directly* along an answer direction (e.g. ``W_U[:, correct] - W_U[:, wrong]``),
   through the final norm with the scale the run actually had (``ln_final.hook_scale`` from the cache,
   treated as a constant — the standard linearisation). The components of ``by="layer"`` add up to the
-  final logit difference (up to the final norm's and unembedding's biases).
+  final logit difference (up to the final norm's and unembedding's biases). Models that normalise each
+  sublayer's output before the residual stream (Gemma-2/3's post-attention / post-feedforward
+  RMSNorms) are linearised the same way: a head's or neuron's output goes through its layer's
+  post-norm with that run's scale (``blocks.{l}.ln1_post.hook_scale`` / ``ln2_post``) and gain
+  ``1 + γ``, so the heads of a layer add up to its attention output and the neurons to its MLP output.
 * :func:`attribution_patching` (:func:`attribution_patch`) — the first-order Taylor estimate of
   activation patching (Nanda 2023; Syed et al. 2023): with the run being patched cached with
   gradients, ``metric(patched) ≈ metric(target) + grad · (source_act - target_act)``, for every
@@ -24,6 +28,7 @@ from jaxtyping import Float, Int
 
 from helpers.metrics import Metric, _check_answer_tokens, _positions_tensor
 from helpers.labelled_tensor import LabelledTensor
+from helpers.models import norm_gain, post_sublayer_norm, post_sublayer_norm_hook
 from helpers.patching.engine import _scalar
 from helpers.patching.inputs import Direction, _check_direction, _check_hook_names, _check_pair, _position_labels
 
@@ -60,12 +65,16 @@ def dla_hook_names(model: Any, by: Literal["head", "layer", "neuron"] = "head", 
     names = ["ln_final.hook_scale"]
     if by == "head":
         names += [f"blocks.{i}.attn.hook_z" for i in range(n_layers)]
+        names += [f"blocks.{i}.{post_sublayer_norm_hook('attn')}.hook_scale" for i in range(n_layers)
+                  if post_sublayer_norm(model, i, "attn") is not None]
     elif by == "layer":
         names += ["blocks.0.hook_resid_pre"]
         names += [f"blocks.{i}.hook_{c}" for i in range(n_layers) for c in ("attn_out", "mlp_out")]
     elif by == "neuron":
         layer = n_layers - 1 if layer is None else layer % n_layers
         names += [f"blocks.{layer}.mlp.hook_post"]
+        if post_sublayer_norm(model, layer, "mlp") is not None:
+            names += [f"blocks.{layer}.{post_sublayer_norm_hook('mlp')}.hook_scale"]
     else:
         raise ValueError(f"by must be 'head', 'layer' or 'neuron', got {by!r}.")
     return names
@@ -85,10 +94,22 @@ def _final_norm_direction(model: Any, cache: Any, directions: torch.Tensor, posi
     scale = cache["ln_final.hook_scale"]  # [batch, pos, 1]
     rows = torch.arange(scale.shape[0], device=scale.device)
     scale = scale[rows, positions]  # [batch, 1]
-    weight = getattr(model.ln_final, "w", None)
-    effective = directions * (weight if weight is not None else 1.0)
+    weight = norm_gain(model.ln_final)  # γ, or 1 + γ for Gemma's offset norms
+    effective = directions * (weight.to(directions) if weight is not None else 1.0)
     centre = str(getattr(model.cfg, "normalization_type", "LN")).upper().startswith("LN")
     return effective / scale, centre
+
+
+def _through_post_norm(model: Any, cache: Any, layer: int, sublayer: str, out: torch.Tensor,
+                       rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``out [batch, ..., d_model]`` (part of a sublayer's output projection) as it enters the residual
+    stream: unchanged, or through the layer's post-sublayer RMSNorm with this run's scale frozen."""
+    norm = post_sublayer_norm(model, layer, sublayer)
+    if norm is None:
+        return out
+    scale = cache[f"blocks.{layer}.{post_sublayer_norm_hook(sublayer)}.hook_scale"][rows, positions]  # [batch, 1]
+    gain = norm_gain(norm).to(out)
+    return out * gain / scale.view(out.shape[0], *([1] * (out.ndim - 1)))
 
 
 def _project(component: torch.Tensor, effective: torch.Tensor, centre: bool) -> torch.Tensor:
@@ -125,7 +146,8 @@ def direct_logit_attribution(
             ``"layer"`` → ``[component]``: the embeddings, then each layer's attention and MLP output
             (these add up to the logit difference minus the final norm/unembedding biases);
             ``"neuron"`` → ``[neuron]`` of MLP layer ``layer`` (default the last):
-            ``post-activation × W_out`` row.
+            ``post-activation × W_out`` row. With post-sublayer norms (Gemma-2/3) head and neuron
+            outputs pass through their layer's norm with the run's scale (see the module docstring).
         batch / positions: where each prompt's last real token is (default position -1).
         reduce: ``"mean"`` over prompts (default) or ``"none"`` (a leading ``batch`` dim).
     """
@@ -159,7 +181,7 @@ def direct_logit_attribution(
         per = []
         for i in range(n_layers):
             z = cache[f"blocks.{i}.attn.hook_z"][rows, pos]  # [batch, head, d_head]
-            out = torch.einsum("bhd,hdm->bhm", z, W_O[i])
+            out = _through_post_norm(model, cache, i, "attn", torch.einsum("bhd,hdm->bhm", z, W_O[i]), rows, pos)
             per.append(_project(out, effective, centre))  # [batch, head]
         values = torch.stack(per, dim=1)  # [batch, layer, head]
         dims, labels = ("layer", "head"), {}
@@ -177,7 +199,9 @@ def direct_logit_attribution(
         W_out = model.W_out[layer]  # [d_mlp, d_model]
         if centre:
             W_out = W_out - W_out.mean(-1, keepdim=True)
-        values = post * torch.einsum("nm,bm->bn", W_out, effective)  # [batch, neuron]
+        # a post-feedforward norm with the run's scale: per prompt, each neuron's row times gain / scale
+        read = _through_post_norm(model, cache, layer, "mlp", effective[:, None, :], rows, pos)[:, 0]  # [batch, d_model]
+        values = post * torch.einsum("nm,bm->bn", W_out, read)  # [batch, neuron]
         dims, labels = ("neuron",), {}
     meta = {"what": f"direct logit attribution by {by}", "layer": layer if by == "neuron" else None}
     if reduce == "mean":

@@ -32,6 +32,18 @@ product of its own output with ``ũ_t``, divided by the **clean** run's scale ``
   MLP layer) at its clean output and see how much larger the total effect becomes. Those do not add
   up exactly (the frozen parts interact), which is why both views are offered.
 
+Models that normalise each sublayer's output (Gemma-2/3: ``attn_out = (1 + γ) ⊙ y / rms(y)`` with
+``y`` the attention's output projection, likewise for the MLP). The post-sublayer norm belongs to
+the component's own path into the residual stream, so a component's output ``o_c`` above is *its
+layer's* output, recomputed with the component replaced (the norm's scale recomputed too — a norm
+inside the layer, unlike the final norm, is not frozen):
+``DE = (attn_out_L − postnorm(y_L − (z_h − z'_h) W_O[h])) · ũ / s`` for a head, and the same with
+``W_out`` for a neuron. Then the ablated component's own layer still changes by exactly ``−DE`` and
+the three-way split of self-repair stays exact. The heads of such a layer do not add up to its
+output (the norm is not additive); :func:`direct_effect_decomposition` puts the rest in
+``attn_bias``. (:func:`helpers.attribution.direct_logit_attribution` instead freezes every norm's
+scale, which makes the heads add up: a different, linearised question.)
+
 Sign conventions: ``DE`` and ``TE`` are positive when the component *helps* the target logit;
 ``self_repair > 0`` means the network makes up for part of the loss; ``self_repair > DE`` (TE < 0)
 is over-correction. The paper's "logit change when ablated" is ``−TE``.
@@ -66,6 +78,7 @@ from helpers.ablation import (
     resample_reference,
     stacked_ablation_hooks,
 )
+from helpers.models import norm_eps, norm_gain, post_sublayer_norm, post_sublayer_norm_hook
 from helpers.prompts import TokenBatch
 
 FreezeTarget = Literal["final_norm", "later_heads", "later_mlps"]
@@ -147,9 +160,7 @@ def next_token_targets(batch: TokenBatch) -> tuple[Int[torch.Tensor, "batch pos"
 
 def _norm_affine(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     norm = model.ln_final
-    weight = norm.weight.detach()
-    if getattr(norm, "uses_weight_offset", False):
-        weight = 1.0 + weight
+    weight = norm_gain(norm)  # 1 + γ for Gemma's offset norms
     bias = getattr(norm.original_component, "bias", None)
     uses_rms = bool(getattr(norm, "uses_rms_norm", False))
     return weight, (None if uses_rms or bias is None else bias.detach())
@@ -208,6 +219,29 @@ def logit_readout(model: Any, targets: Int[torch.Tensor, "batch pos"]) -> LogitR
 # --------------------------------------------------------------------------------------------------
 
 
+class _PostNorm:
+    """A layer's post-sublayer RMSNorm (Gemma-2/3), applied as the model does: ``y ↦ gain ⊙ y / rms(y)``."""
+
+    def __init__(self, norm: Any):
+        self.gain = norm_gain(norm).float()
+        self.eps = norm_eps(norm)
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        y = y.float()
+        return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps) * self.gain.to(y.device)
+
+
+def _post_norms(model: Any, sublayer: str) -> list[_PostNorm | None]:
+    """Per layer, the post-sublayer norm of ``"attn"`` or ``"mlp"`` (``None`` where there is none)."""
+    norms = [post_sublayer_norm(model, layer, sublayer) for layer in range(model.cfg.n_layers)]
+    return [None if norm is None else _PostNorm(norm) for norm in norms]
+
+
+def _raw_output_hook(layer: int, sublayer: str) -> str:
+    """The sublayer's output before its post-sublayer norm (the output projection's result)."""
+    return f"blocks.{layer}.{'attn' if sublayer == 'attn' else 'mlp'}.hook_out"
+
+
 def _head_outputs_dot(W_O: torch.Tensor, z: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     """``(z_h W_O[h]) · ũ`` for every head of one layer (``W_O`` [head, d_head, d_model]): [batch, pos, head]."""
     per_head = torch.einsum("hkd,bpd->bphk", W_O.to(z), directions.to(z))
@@ -223,13 +257,20 @@ def direct_effect_decomposition(
     pos]``, ``"attn_bias"`` and ``"mlps"`` are ``[layer, batch, pos]``) plus ``"logit"``, the model's
     own target logit. ``embed + heads.sum + attn_bias.sum + mlps.sum + bias == logit`` up to float
     error: this is the check that the readout conventions are right (see the tests).
+
+    A head's entry is its zero-ablation direct effect: for a plain block ``(z_h W_O[h]) · ũ / s``; with
+    a post-attention norm (Gemma-2/3) the change of its layer's normalised output when the head is
+    removed (see the module docstring). ``attn_bias`` is the rest of each attention output: the
+    output bias, and with a post-attention norm the part of the output that no single head accounts for.
     """
     if targets is None:
         targets, _ = next_token_targets(batch)
     readout = logit_readout(model, targets)
     n_layers = model.cfg.n_layers
+    post_norms = _post_norms(model, "attn")
     names = {"ln_final.hook_scale", "blocks.0.hook_resid_pre"}
     names |= {f"blocks.{l}.{s}" for l in range(n_layers) for s in ("attn.hook_z", "hook_attn_out", "hook_mlp_out")}
+    names |= {_raw_output_hook(l, "attn") for l in range(n_layers) if post_norms[l] is not None}
     with torch.no_grad():
         logits, cache = model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask, names_filter=lambda n: n in names)
     scale = final_norm_scale(cache)[..., 0].float()
@@ -238,7 +279,14 @@ def direct_effect_decomposition(
     W_O = model.W_O.detach()  # [layer, head, d_head, d_model]
     for layer in range(n_layers):
         z = cache[f"blocks.{layer}.attn.hook_z"].float()
-        head_terms = _head_outputs_dot(W_O[layer], z, dirs) / scale[..., None]  # [b, p, h]
+        if post_norms[layer] is None:
+            head_terms = _head_outputs_dot(W_O[layer], z, dirs) / scale[..., None]  # [b, p, h]
+        else:  # the layer's normalised output without head h, for each h
+            per_head = torch.einsum("bphk,hkd->bphd", z, W_O[layer].to(z))
+            raw = cache[_raw_output_hook(layer, "attn")].float()[:, :, None]
+            out = cache[f"blocks.{layer}.hook_attn_out"].float()[:, :, None]
+            removed = out - post_norms[layer](raw - per_head)  # [b, p, h, d]
+            head_terms = (removed * dirs[:, :, None].to(removed)).sum(-1) / scale[..., None]
         heads.append(head_terms.permute(2, 0, 1))
         attn_total = (cache[f"blocks.{layer}.hook_attn_out"].float() * dirs).sum(-1) / scale
         attn_bias.append(attn_total - head_terms.sum(-1))
@@ -329,17 +377,30 @@ class _StopForward(Exception):
 
 
 def _direct_effect_of_ablation(weights: dict[str, torch.Tensor], component: Component, clean_act: torch.Tensor, value: torch.Tensor | None,
-                               readout: LogitReadout, scale: torch.Tensor) -> torch.Tensor:
-    """``(o_clean − o_ablated) · ũ / s`` for one head or neuron: [batch, pos]."""
+                               readout: LogitReadout, scale: torch.Tensor, post_norm: "_PostNorm | None" = None,
+                               clean_raw: torch.Tensor | None = None, clean_out: torch.Tensor | None = None) -> torch.Tensor:
+    """``(o_clean − o_ablated) · ũ / s`` for one head or neuron: [batch, pos].
+
+    With a post-sublayer norm, ``o`` is the layer's normalised output, recomputed from its clean
+    pre-norm output ``clean_raw`` minus the component's change (``clean_out`` is the clean ``o``).
+    """
     dirs = readout.directions
     if isinstance(component, Head):
         z = clean_act[:, :, component.head, :].float()  # [b, p, d_head]
         replaced = torch.zeros_like(z) if value is None else value.to(z).expand_as(z)
-        w = torch.einsum("kd,bpd->bpk", weights["W_O"][component.layer, component.head].to(z), dirs)
+        W = weights["W_O"][component.layer, component.head].to(z)  # [d_head, d_model]
+        if post_norm is not None:
+            delta = (z - replaced) @ W  # [b, p, d_model]
+            return ((clean_out.float() - post_norm(clean_raw.float() - delta)) * dirs).sum(-1) / scale
+        w = torch.einsum("kd,bpd->bpk", W, dirs)
         return ((z - replaced) * w).sum(-1) / scale
     post = clean_act[:, :, component.neuron].float()  # [b, p]
     replaced = torch.zeros_like(post) if value is None else value.to(post).expand_as(post)
-    w = dirs @ weights["W_out"][component.layer, component.neuron].float()  # [b, p]
+    row = weights["W_out"][component.layer, component.neuron].float()  # [d_model]
+    if post_norm is not None:
+        delta = (post - replaced)[..., None] * row  # [b, p, d_model]
+        return ((clean_out.float() - post_norm(clean_raw.float() - delta)) * dirs).sum(-1) / scale
+    w = dirs @ row  # [b, p]
     return (post - replaced) * w / scale
 
 
@@ -414,6 +475,12 @@ def ablation_effects(
     act_names = sorted({c.hook_name for c in components})
     need_full = {f"blocks.{l}.hook_attn_out" for l in range(n_layers)} if "later_heads" in freeze else set()
     need_full |= {f"blocks.{l}.hook_mlp_out" for l in range(n_layers)} if "later_mlps" in freeze else set()
+    # a post-sublayer norm (Gemma-2/3): the component's layer output before and after that norm
+    post_norms = {"attn": _post_norms(model, "attn"), "mlp": _post_norms(model, "mlp")}
+    for c in components:
+        sublayer = "attn" if isinstance(c, Head) else "mlp"
+        if post_norms[sublayer][c.layer] is not None:
+            need_full |= {_raw_output_hook(c.layer, sublayer), f"blocks.{c.layer}.hook_{sublayer}_out"}
     start_names = {f"blocks.{c.layer}.hook_resid_pre" for c in components} if skip_prefix else set()
     names = set(act_names) | need_full | start_names
     names |= {f"blocks.{l}.{s}" for l in range(n_layers) for s in ("hook_attn_out", "hook_mlp_out")}
@@ -442,9 +509,15 @@ def ablation_effects(
 
     values = ablation_values(model, components, method, reference)
     weights = {"W_O": model.W_O.detach(), "W_out": model.W_out.detach()}  # the bridge rebuilds these on each access
-    direct = torch.stack([
-        _direct_effect_of_ablation(weights, c, clean[c.hook_name], v, readout, scale) for c, v in zip(components, values)
-    ])
+    def direct_effect(c: Component, v: torch.Tensor | None) -> torch.Tensor:
+        sublayer = "attn" if isinstance(c, Head) else "mlp"
+        norm = post_norms[sublayer][c.layer]
+        if norm is None:
+            return _direct_effect_of_ablation(weights, c, clean[c.hook_name], v, readout, scale)
+        return _direct_effect_of_ablation(weights, c, clean[c.hook_name], v, readout, scale, norm,
+                                          clean[_raw_output_hook(c.layer, sublayer)], clean[f"blocks.{c.layer}.hook_{sublayer}_out"])
+
+    direct = torch.stack([direct_effect(c, v) for c, v in zip(components, values)])
 
     # ---- ablated runs, chunk_size components per forward pass ----
     if chunk_size is None:

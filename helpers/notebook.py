@@ -4,7 +4,7 @@ Start::
 
     from helpers.notebook import start
     run = start("02_ioi_circuit", paper_model="gpt2", seed=0)
-    # prints: profile, model, device, seed (the notebook's first output)
+    # prints: profile, model, the model switch MI_MODEL, device, seed (the notebook's first output)
     N_PROMPTS = run.choose(paper=100, embedded=64, ci=16)
     model = run.load_model()
 
@@ -14,7 +14,9 @@ End::
     table.add("mean logit difference", paper=3.56, this_run=ld, note="GPT-2 small, 100k prompts")
     table.show()   # displays the "paper vs. this run" table and writes figures/results/<notebook>.{md,json}
 
-``make reproduce`` collects the written tables into ``figures/RESULTS.md``.
+``make reproduce`` collects the written tables into ``figures/RESULTS.md``. With ``MI_MODEL`` naming a
+model other than the default (``embedded``/``ci`` profiles), every output goes under
+``figures/<model>/`` instead (:func:`helpers.profiles.output_subdir`).
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from helpers.models import EMBEDDED_DISPLAY_NAME, EMBEDDED_MODEL, best_device, load_model
+from helpers.models import best_device, display_name, load_model
 from helpers.plotting import figures_dir, save_figure, show
-from helpers.profiles import Profile, get_profile
+from helpers.profiles import MODEL_ENV_VAR, Profile, get_embedded_model, get_profile, output_subdir
 
 
 def seed_everything(seed: int) -> None:
@@ -52,6 +54,9 @@ class Run:
     model_description: str
     device: str
     seed: int
+    embedded_model: str | None = None
+    """The ``MI_MODEL`` choice of an ``embedded``/``ci`` run (``"smollm2"``, ``"gemma-3-270m"``); ``None`` in
+    the ``paper`` profile."""
 
     def choose(self, *, paper: Any, embedded: Any, ci: Any) -> Any:
         """The value for the active profile (see :meth:`helpers.profiles.Profile.choose`)."""
@@ -72,11 +77,23 @@ class Run:
     def results_table(self) -> "ResultsTable":
         return ResultsTable(self)
 
+    @property
+    def model_switch(self) -> str:
+        """What the header prints for ``MI_MODEL``."""
+        if self.embedded_model is None:
+            return f"not used in the {self.profile.name} profile"
+        choice = get_embedded_model(self.embedded_model)
+        if choice.is_default:
+            return f"{choice.name} (default)"
+        subdir = output_subdir(self.profile, choice)
+        return f"{choice.name} (outputs under figures/{subdir}/)" if subdir else choice.name
+
     def header(self) -> str:
         return (
             f"notebook: {self.notebook}\n"
             f"profile:  {self.profile.name}\n"
             f"model:    {self.model_description}\n"
+            f"{MODEL_ENV_VAR}: {self.model_switch}\n"
             f"device:   {self.device}\n"
             f"seed:     {self.seed}"
         )
@@ -87,26 +104,36 @@ def start(
     *,
     paper_model: str | None,
     seed: int = 0,
-    embedded_model: str = EMBEDDED_MODEL,
+    embedded_model: str | None = None,
     model_description: str | None = None,
     profile: str | None = None,
 ) -> Run:
-    """Resolve the profile, pick the model name, seed everything and print the run's header.
+    """Resolve the profile and the model switch, pick the model name, seed everything and print the
+    run's header.
 
     Args:
         notebook: the notebook's file stem (``"02_ioi_circuit"``); names its figures folder.
         paper_model: the model of the ``paper`` profile (``None`` for studies that train their own).
         seed: the global seed.
-        embedded_model: the model of the ``embedded``/``ci`` profiles.
+        embedded_model: the model of the ``embedded``/``ci`` profiles, a :data:`helpers.profiles.EMBEDDED_MODELS`
+            name; ``None`` (default) reads ``MI_MODEL`` (SmolLM2 when unset). Where outputs go always
+            follows ``MI_MODEL``.
         model_description: what to print as the model (defaults to a description of the name).
         profile: override ``MI_PROFILE`` (mostly for tests).
+
+    Raises:
+        ProfileError / ModelChoiceError: ``MI_PROFILE`` / ``MI_MODEL`` (or the arguments) name no
+            profile / model; the message lists the choices.
     """
     active = get_profile(profile)
-    name = active.choose(paper=paper_model, embedded=embedded_model, ci=embedded_model)
+    choice = get_embedded_model(embedded_model) if active.uses_embedded_model else None
+    offline = choice.load_name if choice is not None else None
+    name = active.choose(paper=paper_model, embedded=offline, ci=offline)
     if model_description is None:
-        model_description = EMBEDDED_DISPLAY_NAME if name == EMBEDDED_MODEL else str(name)
+        model_description = display_name(str(name))
     seed_everything(seed)
-    run = Run(notebook, active, name, model_description, best_device(), seed)
+    run = Run(notebook, active, name, model_description, best_device(), seed,
+              choice.name if choice is not None else None)
     print(run.header())
     return run
 
@@ -172,6 +199,7 @@ class ResultsTable:
             "model": self.run.model_description,
             "device": self.run.device,
             "seed": self.run.seed,
+            "mi_model": self.run.embedded_model,
             "rows": self.rows,
         }
         (folder / f"{self.run.notebook}.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")

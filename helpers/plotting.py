@@ -27,6 +27,8 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
+from helpers.profiles import output_subdir
+
 _PNG_WIDTH, _PNG_HEIGHT = 900, 520
 _static_export: bool | None = None  # None: not tried yet
 _static_export_reason = ""
@@ -48,13 +50,21 @@ def repo_root(start: Path | None = None) -> Path | None:
 
 
 def figures_dir() -> Path:
-    """``$MI_FIGURES_DIR`` if set, else ``figures/`` at the repository root (or the working dir)."""
+    """``$MI_FIGURES_DIR`` if set, else ``figures/`` at the repository root (or the working dir).
+
+    Runs of the ``embedded``/``ci`` profiles on a model other than the default (``MI_MODEL``, see
+    :func:`helpers.profiles.output_subdir`) get a subfolder named after the model, e.g.
+    ``figures/gemma-3-270m/``, so their figures and results never overwrite the default model's.
+    """
     configured = os.environ.get("MI_FIGURES_DIR")
     if configured:
         path = Path(configured)
     else:
         root = repo_root()
         path = (root if root is not None else Path.cwd()) / "figures"
+    subdir = output_subdir()
+    if subdir:
+        path = path / subdir
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -5,9 +5,14 @@ For each notebook, serially (two torch processes on 2 cores slow each other seve
   * write the executed notebook back in place (committed outputs come from the `embedded` run)
     and a copy into figures/executed/;
   * the notebook itself saves its figures (PNG + HTML) and its "paper vs. this run" table under figures/.
-Each run is stamped (profile, date, git commit, device, package versions) in
+Each run is stamped (profile, model switch, date, git commit, device, package versions) in
 figures/results/<notebook>.run.json; figures/RESULTS.md is then rebuilt from the latest run of every
 notebook, so notebooks can also be reproduced one at a time (make reproduce NOTEBOOKS=notebooks/….ipynb).
+
+The model switch MI_MODEL (helpers.profiles.get_embedded_model): a run on a model other than the
+default SmolLM2 (e.g. MI_MODEL=gemma-3-270m) leaves the committed notebooks untouched and writes
+everything under figures/<model>/ instead: executed/<notebook>.ipynb, the notebooks' figures,
+results/<notebook>.{md,json,run.json} and its own RESULTS.md.
 
 Usage: python scripts/reproduce.py [notebooks/01_….ipynb ...]   (default: every notebook)
 """
@@ -32,13 +37,17 @@ from nbclient.exceptions import CellExecutionError
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from helpers.profiles import get_embedded_model, get_profile, output_subdir  # noqa: E402
 PACKAGES = ("torch", "transformer-lens", "transformers", "circuitsvis", "plotly", "einops", "gguf", "peft",
             "nbval", "jupyterlab", "kaleido", "numpy")
 MAX_NOTEBOOK_BYTES = 2_000_000
 
 
-def execute(path: Path, timeout: int) -> tuple[bool, float, str]:
-    """Run every cell of ``path`` in place; return (ok, seconds, error summary)."""
+def execute(path: Path, timeout: int, output: Path | None = None) -> tuple[bool, float, str]:
+    """Run every cell of ``path`` and write the executed notebook to ``output`` (default: in place);
+    return (ok, seconds, error summary)."""
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(notebook, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})
@@ -53,7 +62,7 @@ def execute(path: Path, timeout: int) -> tuple[bool, float, str]:
                 error = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
                 break
     seconds = time.perf_counter() - started
-    nbformat.write(notebook, path)
+    nbformat.write(notebook, output or path)
     return not error, seconds, error
 
 
@@ -97,6 +106,7 @@ def record_run(figures: Path, path: Path, ok: bool, seconds: float, error: str, 
         "error": error,
         "minutes": round(seconds / 60, 2),
         "profile": os.environ.get("MI_PROFILE", "paper"),
+        "mi_model": model_switch(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "git_commit": commit or git_commit(),
         "device": device(),
@@ -105,6 +115,11 @@ def record_run(figures: Path, path: Path, ok: bool, seconds: float, error: str, 
     }
     (figures / "results").mkdir(parents=True, exist_ok=True)
     (figures / "results" / f"{path.stem}.run.json").write_text(json.dumps(stamp, indent=2) + "\n", encoding="utf-8")
+
+
+def model_switch() -> str | None:
+    """The MI_MODEL choice of this run (``None`` in the paper profile, where it is not used)."""
+    return get_embedded_model().name if get_profile().uses_embedded_model else None
 
 
 def write_results(figures: Path, notebooks: list[Path]) -> Path:
@@ -119,6 +134,8 @@ def write_results(figures: Path, notebooks: list[Path]) -> Path:
         "Written by `make reproduce` (scripts/reproduce.py) from each notebook's latest run; every number",
         "below comes from that run. Each table names its profile, model, device and seed.",
         "",
+        *([f"These runs used `MI_MODEL={output_subdir()}`; the default model's results are in figures/RESULTS.md.", ""]
+          if output_subdir() else []),
         "| notebook | status | profile | wall time | date | git commit | device |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -155,16 +172,23 @@ def main() -> int:
     if missing:
         parser.error(f"no such notebook: {', '.join(missing)}")
     os.environ.setdefault("MI_PROFILE", "embedded")
-    figures = Path(os.environ.setdefault("MI_FIGURES_DIR", str(ROOT / "figures")))
+    switch, subdir = model_switch(), output_subdir()  # fail at once on a bad MI_PROFILE / MI_MODEL
+    base = Path(os.environ.setdefault("MI_FIGURES_DIR", str(ROOT / "figures")))
+    figures = base / subdir if subdir else base  # where the notebooks' own figures_dir() writes too
     (figures / "executed").mkdir(parents=True, exist_ok=True)
 
     runs = []
     commit = git_commit()  # before the runs rewrite the notebooks in place
     for number, path in enumerate(paths, start=1):
-        print(f"\n[{number}/{len(paths)}] {path.name} (profile {os.environ['MI_PROFILE']})", flush=True)
-        ok, seconds, error = execute(path, args.timeout)
-        shutil.copy2(path, figures / "executed" / path.name)
-        size = path.stat().st_size
+        label = f"profile {os.environ['MI_PROFILE']}" + (f", MI_MODEL={switch}" if switch else "")
+        print(f"\n[{number}/{len(paths)}] {path.name} ({label})", flush=True)
+        executed = figures / "executed" / path.name
+        if subdir:  # another model: the committed notebook (the default model's outputs) stays as it is
+            ok, seconds, error = execute(path, args.timeout, output=executed)
+        else:
+            ok, seconds, error = execute(path, args.timeout)
+            shutil.copy2(path, executed)
+        size = executed.stat().st_size
         print(f"    {'done' if ok else 'FAILED'} in {seconds / 60:.1f} min; notebook size {size / 1e6:.2f} MB"
               + (f"; error: {error}" if error else ""), flush=True)
         if size > MAX_NOTEBOOK_BYTES:

@@ -123,7 +123,7 @@ def write_table() -> None:
               "(helpers/data/refusal/README.md).",
               "", "A recipe whose evaluation shows only the selection was evaluated before the selection could fall back "
               "to the lowest-KL candidate; it stopped there. Training times were measured with another job on the "
-              "second core."]
+              "second core (the last two with several)."]
     TABLE.write_text("\n".join(lines) + "\n")
     print(TABLE.read_text())
 

@@ -17,6 +17,7 @@ from helpers.ablation import (
     affine_steering_hooks,
     direction_ablation_hooks,
     mean_ablation_hooks,
+    normalises_sublayer_outputs,
     orthogonalize_weights,
     resample_reference,
     resample_ablation_hooks,
@@ -34,7 +35,7 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2"])
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2", "tiny-gemma3"])
 def model(request):
     return load_model(request.param, device="cpu")
 
@@ -84,7 +85,35 @@ def _check_orthogonalisation_matches_hooks(model, batch, atol):
 
 
 def test_orthogonalize_matches_direction_hooks(model, batch):
+    if normalises_sublayer_outputs(model):
+        _check_no_weight_edit_for_normalised_outputs(model, batch)
+        return
     _check_orthogonalisation_matches_hooks(model, batch, atol=1e-4)
+
+
+def _check_no_weight_edit_for_normalised_outputs(model, batch):
+    """Gemma-3 layout: orthogonalising the output projections does not remove r from the stream (the
+    post-sublayer norms rescale each coordinate), so orthogonalize_weights refuses, pointing to the hooks."""
+    direction = torch.randn(model.cfg.d_model)
+    unit = direction / direction.norm()
+    with pytest.raises(NotImplementedError, match="direction_ablation_hooks"):
+        orthogonalize_weights(model, direction)
+    with pytest.raises(NotImplementedError, match="direction_ablation_hooks"):
+        affine_edit_weights(model, direction, 1.0)
+    writers = [block.attn.o.original_component for block in model.blocks] + [block.mlp.out.original_component for block in model.blocks]
+    saved = [w.weight.detach().clone() for w in writers]
+    store: dict = {}
+    try:
+        with torch.no_grad():
+            for w in writers:  # the naive edit: (I - r r^T) W_O, (I - r r^T) W_out
+                w.weight.sub_(unit[:, None] * (unit @ w.weight)[None, :])
+        run(model, batch, [(f"blocks.{l}.hook_{site}", capture(store, (l, site)))
+                           for l in range(model.cfg.n_layers) for site in ("attn_out", "mlp_out")])
+    finally:
+        with torch.no_grad():
+            for w, weight in zip(writers, saved):
+                w.weight.copy_(weight)
+    assert max((out @ unit).abs().max().item() for out in store.values()) > 1e-2
 
 
 def test_orthogonalize_matches_hooks_in_compatibility_mode():
@@ -363,6 +392,8 @@ def test_resid_mid_edits_the_residual_stream_not_only_the_mlp_input(model, batch
     block = model.blocks[layer]
     with torch.no_grad():
         mlp_by_hand = block.mlp.original_component(block.ln2.original_component(edited))
+        if hasattr(block, "ln2_post"):  # Gemma-2/3 normalise the MLP output before adding it (hook_mlp_out is after)
+            mlp_by_hand = block.ln2_post.original_component(mlp_by_hand)
     torch.testing.assert_close(mlp_out, mlp_by_hand, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(next_stream, edited + mlp_out, atol=1e-5, rtol=1e-5)
     # along r only what the MLP wrote is left (on the skip connection the old component is gone)

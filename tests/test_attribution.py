@@ -43,9 +43,14 @@ def _setup(name, clean=CLEAN, corrupted=CORRUPTED, dtype=torch.float32):
     return model, clean_b, corrupted_b, answers
 
 
-@pytest.fixture(scope="module")
-def llama():
-    return _setup("tiny-llama")
+RMS_MODELS = ["tiny-llama", "tiny-gemma3"]
+
+
+@pytest.fixture(scope="module", params=RMS_MODELS)
+def llama(request):
+    """The RMSNorm layouts in turn: tiny-llama (the embedded model's) and tiny-gemma3 (Gemma-3's, with norms
+    after each sublayer too). The name is historical."""
+    return _setup(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -127,11 +132,11 @@ def test_dla_validates_inputs(llama):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def llama64():
+@pytest.fixture(scope="module", params=RMS_MODELS)
+def llama64(request):
     # float64 (for a clean numerical derivative) with unpadded prompts: the bridge returns NaN logits for
     # left-padded float64 batches (seen with transformer-lens 4.3 + transformers 5.23).
-    return _setup("tiny-llama", EQUAL_CLEAN, EQUAL_CORRUPTED, dtype=torch.float64)
+    return _setup(request.param, EQUAL_CLEAN, EQUAL_CORRUPTED, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("component, hook, index", [

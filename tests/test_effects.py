@@ -37,8 +37,9 @@ def _perturb_final_norm(model):
             bias.add_(0.2 * torch.randn(bias.shape, generator=gen))
 
 
-@pytest.fixture(scope="module", params=[("tiny-llama", False), ("tiny-gpt2", False), ("tiny-gpt2", True)],
-                ids=["tiny-llama", "tiny-gpt2", "tiny-gpt2-compat"])
+@pytest.fixture(scope="module", params=[("tiny-llama", False), ("tiny-gpt2", False), ("tiny-gpt2", True),
+                                        ("tiny-gemma3", False), ("tiny-gemma3", True)],
+                ids=["tiny-llama", "tiny-gpt2", "tiny-gpt2-compat", "tiny-gemma3", "tiny-gemma3-compat"])
 def model(request):
     name, compat = request.param
     model = load_model(name, device="cpu", compatibility_mode=compat)

@@ -1,4 +1,4 @@
-"""Tests of helpers.studies.entropy_neurons on the tiny models (RMSNorm/gated-MLP and LayerNorm/GPT-2 layouts).
+"""Tests of helpers.studies.entropy_neurons on the tiny models (RMSNorm/gated-MLP, LayerNorm/GPT-2 and Gemma-3 layouts).
 
 The tiny models are random, so their outputs are nearly uniform and ablation effects are tiny. Each
 test model therefore gets a large random final-norm weight (peaky outputs, and a γ that must be folded
@@ -12,7 +12,7 @@ import torch
 
 from helpers.studies import entropy_neurons as en
 from helpers.corpus import load_corpus_tokens
-from helpers.models import load_model
+from helpers.models import load_model, norm_gain, post_sublayer_norm
 from helpers.prompts import TokenBatch
 
 PLANTED_ENTROPY = 7
@@ -20,7 +20,12 @@ PLANTED_FREQUENCY = 11
 
 
 def _set_output_row(model, neuron: int, vector: torch.Tensor) -> None:
+    """Make the final-layer ``neuron`` write ``vector`` into the stream per unit of activation (with a
+    post-feedforward norm, Gemma-2/3, the raw row is ``vector / (1 + γ)``: that norm multiplies by ``1 + γ``)."""
     module = model.blocks[-1].mlp.out.original_component
+    post = post_sublayer_norm(model, model.cfg.n_layers - 1, "mlp")
+    if post is not None:
+        vector = vector / norm_gain(post)
     with torch.no_grad():
         if isinstance(module, torch.nn.Linear):  # weight [d_model, d_mlp]
             module.weight[:, neuron] = vector
@@ -28,7 +33,7 @@ def _set_output_row(model, neuron: int, vector: torch.Tensor) -> None:
             module.weight[neuron, :] = vector
 
 
-@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2"])
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2", "tiny-gemma3"])
 def model(request):
     model = load_model(request.param, device="cpu", seed=0)
     norm = model.ln_final.original_component
@@ -149,7 +154,13 @@ def test_cache_based_effects_match_full_forward_passes(model, batch):
             torch.testing.assert_close(ours, naive[key], atol=2e-4, rtol=1e-3)
 
 
-def test_planted_entropy_neuron_acts_through_the_norm(model, batch):
+def test_planted_entropy_neuron_acts_through_the_norm(model, batch, request):
+    if post_sublayer_norm(model, model.cfg.n_layers - 1, "mlp") is not None:
+        request.node.add_marker(pytest.mark.xfail(strict=True, reason=(
+            "Gemma-3 layout: the post-feedforward RMSNorm fixes the size of the final MLP's output, so a planted "
+            "null-space neuron cannot grow the residual stream's norm; ablating it mostly rotates the MLP output "
+            "(a direct effect). Measured norm-mediated share 0.28 (0.52 with that norm's scale frozen too). An "
+            "architectural difference for the entropy-neuron study to report, not a helpers bug.")))
     neurons = [PLANTED_ENTROPY, *en.random_neurons(model.cfg.d_mlp, 5, seed=0, exclude=[PLANTED_ENTROPY])]
     clean = en.run_clean(model, batch, neurons)
     values = [float(clean.neuron_means[n]) + 4.0 for n in neurons]
@@ -224,8 +235,9 @@ def test_frequency_scores_find_a_planted_frequency_neuron(model):
     readout = en.final_readout(model)
     direction = en.unigram_direction(model, log_unigram, readout=readout)
     assert direction.shape == (model.cfg.d_model,) and float(direction.norm()) == pytest.approx(1.0, abs=1e-5)
-    # a neuron writing γ⁻¹ ⊙ v moves the normalised stream along v: its logits follow the unigram fit
-    row = direction / readout.weight
+    # a neuron writing v changes the logits by W_effᵀ v / s (W_eff = diag(γ) W_U): the best unigram fit,
+    # so it must have the largest score
+    row = direction
     _set_output_row(model, PLANTED_FREQUENCY, row - row.mean() if readout.kind == "ln" else row)
     try:
         scores = en.frequency_scores(model, log_unigram, readout=readout)

@@ -317,6 +317,25 @@ def test_copy_scores_read_each_query_heads_own_value_head_in_grouped_query_atten
     assert ioi.copy_scores(model, heads[:1], names[:3], top_k=cfg.d_vocab)[heads[0]] == 1.0
 
 
+def test_copy_scores_on_the_gemma3_layout_go_through_the_post_attention_norm():
+    model = load_model("tiny-gemma3", seed=0)
+    names = make_ioi_dataset(model, 8, seed=3).name_pool[:6]
+    resid, ids = ioi.name_token_residuals(model, names)
+    block = model.blocks[1]
+    out = block.ln1(resid[None])[0] @ model.W_V[1, 0] @ model.W_O[1, 2]  # one key/value head serves all four query heads
+
+    def ranks(head_out):
+        logits = model.unembed(model.ln_final(head_out[None]))[0]
+        return (logits > logits.gather(-1, ids[:, None])).sum(-1)
+
+    with torch.no_grad():
+        with_norm, without_norm = ranks(block.ln1_post(out[None])[0]), ranks(out)
+    assert not torch.equal(with_norm, without_norm), "the post-attention norm should matter here"
+    for k in (1, 10, 100, 1000, 10000):
+        expected = (with_norm < k).float().mean().item()
+        assert ioi.copy_scores(model, [(1, 2)], names, top_k=k)[(1, 2)] == pytest.approx(expected), k
+
+
 def test_mean_ablation_keeps_and_replaces_exactly(tiny, data):
     abc = data.abc()
     means = ioi.template_mean_z(tiny, abc)

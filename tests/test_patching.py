@@ -1,8 +1,10 @@
 """Tests of helpers.patching: every sweep against a naive one-forward-per-component loop written here,
 against transformer_lens.patching where it has the same sweep, exactness checks and input validation.
 
-Tiny random models (tiny-llama: RMSNorm, GQA, rotary; tiny-gpt2: LayerNorm, MHA, learned positions) keep
-these fast; the embedded-model tests are marked ``embedded``.
+Tiny random models (tiny-llama: RMSNorm, GQA, rotary; tiny-gemma3: Gemma-3's multi-query attention, (1 + γ)
+norms before and after each sublayer, sliding-window layers; tiny-gpt2: LayerNorm, MHA, learned positions) keep
+these fast; the ``llama`` fixture runs each test on tiny-llama and on tiny-gemma3 (the name is historical). The
+embedded-model tests are marked ``embedded``.
 """
 
 from __future__ import annotations
@@ -90,8 +92,23 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def llama():
+def tiny_llama_setup():
     return Setup("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3_setup():
+    return Setup("tiny-gemma3")
+
+
+RMS_SETUPS = ["tiny_llama_setup", "tiny_gemma3_setup"]
+RMS_IDS = ["tiny-llama", "tiny-gemma3"]
+
+
+@pytest.fixture(scope="module", params=RMS_SETUPS, ids=RMS_IDS)
+def llama(request):
+    """The RMSNorm layouts in turn: tiny-llama (the embedded model's) and tiny-gemma3 (Gemma-3's)."""
+    return request.getfixturevalue(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +119,11 @@ def gpt2():
 @pytest.fixture(scope="module")
 def llama_equal():
     return Setup("tiny-llama", EQUAL_CLEAN, EQUAL_CORRUPTED, EQUAL_ANSWERS)
+
+
+@pytest.fixture(scope="module")
+def gemma3_equal():
+    return Setup("tiny-gemma3", EQUAL_CLEAN, EQUAL_CORRUPTED, EQUAL_ANSWERS)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +144,7 @@ S = slice(None)
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
-@pytest.mark.parametrize("setup_name", ["llama", "gpt2"])
+@pytest.mark.parametrize("setup_name", [*RMS_SETUPS, "gpt2"])
 def test_resid_pre_and_post_match_naive_loop(setup_name, direction, request):
     s = request.getfixturevalue(setup_name)
     n_layers, n_pos = s.model.cfg.n_layers, s.clean.tokens.shape[1]
@@ -413,6 +435,53 @@ def test_unexpected_error_while_setting_up_the_fast_path_propagates(llama, monke
         patching.patch_residual(s.model, s.clean, s.corrupted, s.metric, layers=[1], progress=False)
 
 
+def test_shared_prefix_fast_path_off_when_a_layer_keeps_only_a_sliding_window(tiny_gemma3_setup, monkeypatch):
+    """Gemma-3's own cache keeps only the last window - 1 keys in its sliding-window layers: handed such a
+    cache (instead of the plain DynamicCache the engine passes in), the fast path is off with a warning
+    that says so, and the results stay those of the naive loop."""
+    s = tiny_gemma3_setup
+    forward = s.model.forward
+
+    def own_cache(*args, **kwargs):
+        if kwargs.get("return_type") == "logits_and_cache":
+            kwargs.pop("past_key_values", None)
+            kwargs.pop("use_cache", None)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(s.model, "forward", own_cache)
+    with pytest.warns(patching.SharedPrefixWarning, match="does not hold the keys of all"):
+        result = patching.patch_residual(s.model, s.clean, s.corrupted, s.metric, layers=[1], progress=False)
+    assert result.meta["shared_prefix_positions"] == 0 and "sliding-window" in result.meta["shared_prefix_off"]
+    _assert_resid_pre_layer_matches_naive(s, result)
+
+
+def test_shared_prefix_fast_path_off_when_the_suffix_run_raises_a_runtime_error(llama, monkeypatch):
+    """An attention that cannot continue from the cache fails with a RuntimeError (a tensor-shape mismatch):
+    the fast path is off, the error's type and message are in meta and the warning; results stay exact."""
+    s = llama
+
+    def mismatched(self, n_copies):
+        raise RuntimeError("The size of tensor a (20) must match the size of tensor b (10)")
+
+    monkeypatch.setattr(_Patcher, "_prefix_cache", mismatched)
+    with pytest.warns(patching.SharedPrefixWarning, match="RuntimeError: The size of tensor a"):
+        result = patching.patch_residual(s.model, s.clean, s.corrupted, s.metric, layers=[1], progress=False)
+    assert result.meta["shared_prefix_positions"] == 0
+    assert "RuntimeError: The size of tensor a (20)" in result.meta["shared_prefix_off"]
+    _assert_resid_pre_layer_matches_naive(s, result)
+
+
+def test_other_errors_in_the_suffix_check_propagate(llama, monkeypatch):
+    s = llama
+
+    def broken(self, n_copies):
+        raise TypeError("a bug in the suffix path")
+
+    monkeypatch.setattr(_Patcher, "_prefix_cache", broken)
+    with pytest.raises(TypeError, match="a bug in the suffix path"):
+        patching.patch_residual(s.model, s.clean, s.corrupted, s.metric, layers=[1], progress=False)
+
+
 def test_batched_and_unbatched_runs_agree(llama):
     s = llama
     small = patching.patch_heads(s.model, s.clean, s.corrupted, s.metric, max_batch_tokens=1, progress=False)
@@ -425,7 +494,7 @@ def test_batched_and_unbatched_runs_agree(llama):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("setup_name", ["llama_equal", "gpt2_equal"])
+@pytest.mark.parametrize("setup_name", ["llama_equal", "gemma3_equal", "gpt2_equal"])
 def test_agrees_with_transformer_lens_patching(setup_name, request):
     from transformer_lens import patching as tl
 
@@ -525,7 +594,8 @@ def test_path_patch_matches_direct_implementation_on_mha(gpt2, receiver_input):
 
 @pytest.mark.parametrize("setup_name, receiver_input, senders, receivers", [
     ("gpt2", "q", [(0, 1)], [(2, 0), (2, 3)]), ("gpt2", "k", [(0, 1)], [(2, 0), (2, 3)]),
-    ("gpt2", "v", [(0, 0), (1, 2)], [(2, 1)]), ("llama", "q", [(0, 2)], [(2, 1), (1, 3)]),
+    ("gpt2", "v", [(0, 0), (1, 2)], [(2, 1)]),
+    *[(name, "q", [(0, 2)], [(2, 1), (1, 3)]) for name in RMS_SETUPS],
 ])
 def test_path_patch_options_match_direct_implementation(setup_name, receiver_input, senders, receivers, request):
     """direction="denoise", freeze_mlps and receiver_positions (the IOI notebook's S-inhibition search patches
@@ -576,7 +646,7 @@ def test_path_patch_keys_values_on_gqa_model_for_a_whole_kv_group(llama, receive
     query heads sharing one key/value head, that equals patching the shared k/v head directly."""
     s = llama
     group = s.model.cfg.n_heads // s.model.cfg.n_key_value_heads
-    kv_head = 1
+    kv_head = s.model.cfg.n_key_value_heads - 1  # tiny-llama: 1 of 2; tiny-gemma3: the only one
     receivers = [(2, kv_head * group + i) for i in range(group)]
     ours = patching.path_patch(s.model, s.clean, s.corrupted, s.metric, [(0, 0), (1, 3)], receivers, receiver_input)
     expected = _naive_path_patch(s, [(0, 0), (1, 3)], [(2, kv_head)], receiver_input)

@@ -774,6 +774,16 @@ def test_full_finetuning_trains_only_the_chosen_matrices_and_its_delta_reloads(t
         S.full_finetune_parameters(hf, S.SafetyTuningConfig(full_blocks=(0,), target_modules=("dense_h_to_4h",)))
 
 
+def test_embedded_refusal_study_refuses_another_model_switch(monkeypatch):
+    from helpers.notebook import start
+    from helpers.profiles import ModelChoiceError
+
+    monkeypatch.setenv("MI_MODEL", "gemma-3-270m")
+    run = start("03_refusal_direction", paper_model="google/gemma-2b-it", profile="ci")
+    with pytest.raises(ModelChoiceError, match="safety-tuning adapter"):
+        R.load_study_model(run)
+
+
 def test_harmbench_is_external_checked_and_spread_over_its_categories():
     from collections import Counter
 

@@ -7,9 +7,16 @@ import torch
 
 from helpers.ablation import Head, resample_reference
 from helpers.effects import AblationEffects, ablation_effects
-from helpers.models import load_model
+from helpers.models import load_model, post_sublayer_norm
 from helpers.prompts import tokenize
-from helpers.studies.self_repair import cumulative_share, head_summary, neuron_repair, token_effects, top_token_mask
+from helpers.studies.self_repair import (
+    cumulative_share,
+    head_summary,
+    neuron_repair,
+    neuron_repair_parts,
+    token_effects,
+    top_token_mask,
+)
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog near the river bank today",
@@ -85,7 +92,7 @@ def test_cumulative_share():
     assert torch.isnan(torch.tensor(cumulative_share(torch.tensor([-1.0, -2.0]), [1])[1]))
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-gemma3"])
 def test_neuron_repair_adds_up_to_each_mlp_layers_change(name):
     """Independent check: the neurons' changes summed per layer = that MLP layer's change of direct
     effect from helpers.effects (computed from hook_mlp_out, not from neurons)."""
@@ -96,8 +103,13 @@ def test_neuron_repair_adds_up_to_each_mlp_layers_change(name):
     effects = ablation_effects(model, batch, [head], method="resample", seed=2, keep_per_layer=True, progress=False)
     mask = top_token_mask(effects.direct, effects.valid, fraction=0.2)[0]
     per_neuron = neuron_repair(model, batch, head, mask, reference=resample_reference(batch, seed=2))
+    parts, rescale = neuron_repair_parts(model, batch, head, mask, reference=resample_reference(batch, seed=2))
+    torch.testing.assert_close(parts, per_neuron)
     expected = (effects.per_layer_mlp[0] * mask).sum((-2, -1)) / mask.sum()
-    torch.testing.assert_close(per_neuron.sum(-1), expected, atol=1e-5, rtol=1e-4)
+    # the neurons, plus (Gemma-3 layout) the post-feedforward norm's rescaling of the clean MLP output
+    torch.testing.assert_close(per_neuron.sum(-1) + rescale, expected, atol=1e-5, rtol=1e-4)
+    if post_sublayer_norm(model, 0, "mlp") is None:
+        assert not rescale.any()
     assert per_neuron.abs().sum() > 0
     with pytest.raises(ValueError, match="token_mask"):
         neuron_repair(model, batch, head, mask[:, :2])

@@ -26,16 +26,17 @@ Here
    batch dimension and copy ``c`` patches component ``c``;
 3. a patched run **starts at the patched layer** from the cached residual stream of the run being
    patched (nothing upstream of the patch can change), skipping the layers below it. (The bridge's
-   own ``start_at_layer`` still executes the lower blocks and discards their output; we also take
-   them out of the module list for the duration of the call.)
+   own ``start_at_layer`` still executes the lower blocks and discards their output; we also make
+   them pass their input straight through for the duration of the call — they stay in the layer
+   list, which Gemma-2/3 index by position to pick each layer's attention mask.)
 4. when the metric only reads each prompt's last real token (detected automatically, see
    ``logit_positions``), the unembedding is computed only there, and
 5. positions before the first token where the clean and corrupted prompts differ are computed
    **once**: they are identical in both runs and no patch can change them (causal attention), so
    patched runs process only the suffix, reading the prefix's keys/values from the target run's
    KV cache. (This helps most when the corruption is late in the prompt; it is checked against the
-   full run at setup and switched off for models whose attention ignores the cache or that hand
-   back no KV cache — with a :class:`SharedPrefixWarning`, a log line, and the reason in
+   full run at setup and switched off for models whose attention ignores or cannot continue from
+   the cache or that hand back no usable KV cache (none, or one without every position's keys) — with a :class:`SharedPrefixWarning`, a log line, and the reason in
    ``result.meta["shared_prefix_off"]``; ``result.meta["shared_prefix_positions"]`` is how many
    positions were skipped.)
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-from torch import nn
 
 from helpers.labelled_tensor import LabelledTensor
 from helpers.metrics import Metric
@@ -111,7 +110,6 @@ class _Patcher:
             else:
                 self.keep_positions = None
         self.position_ids = self._position_ids(self.target.attention_mask)
-        self._layer_list = _find_layer_list(model)
         self.source_cache = {name: self.source_cache[name] for name in source_hooks}
         self.target_cache = {name: self.target_cache[name] for name in target_hooks}
         self.p0 = 0
@@ -140,10 +138,16 @@ class _Patcher:
         keys/values from the target run (a Hugging Face KV cache). Patching a position before ``p0``
         swaps identical values, so its result is the target run's metric.
 
-        Checked once against the full run; if the suffix run does not reproduce it (an architecture
-        whose attention ignores the KV cache), or the model hands back no usable cache, the full
-        sequence is used and :attr:`shared_prefix_off` (also ``meta["shared_prefix_off"]``) says why,
-        with a :class:`SharedPrefixWarning` and a log line. Any other error propagates.
+        The prefix's keys/values come from a plain ``DynamicCache`` handed to the target run (the cache a
+        model builds for itself may drop positions: Gemma-3's sliding-window layers keep only the last
+        window - 1 keys). Checked once against the full run; if the model hands back no usable cache
+        (none, one without per-layer keys/values, the wrong number of layers, or a layer whose keys do
+        not hold every position), or the suffix run does not reproduce the full run (an architecture
+        whose attention ignores the KV cache) or fails with a ``RuntimeError`` (one whose attention
+        cannot continue from it, e.g. a tensor-shape mismatch), the full sequence is used and
+        :attr:`shared_prefix_off` (also ``meta["shared_prefix_off"]``) says why, with a
+        :class:`SharedPrefixWarning` and a log line. Any other error (and an out-of-memory error)
+        propagates.
         """
         differs = (self.clean.tokens != self.corrupted.tokens) | (self.clean.attention_mask != self.corrupted.attention_mask)
         columns = differs.any(0).nonzero()
@@ -153,13 +157,16 @@ class _Patcher:
             self._prefix_off("the clean and corrupted prompts differ from the first position on", unsupported=False)
             return
         try:
-            from transformers import DynamicCache  # noqa: F401
+            from transformers import DynamicCache
         except ImportError as err:  # an old transformers: no cache object to hand the prefix in
             self._prefix_off(f"transformers has no DynamicCache ({err})")
             return
+        # A plain DynamicCache keeps every position of every layer. The cache a model builds for
+        # itself may not: Gemma-3's sliding-window layers keep only their last window - 1 keys.
+        cache = DynamicCache()
         with torch.no_grad():
             _, past = self.model(self.target.tokens, attention_mask=self.target.attention_mask,
-                                 return_type="logits_and_cache")
+                                 past_key_values=cache, use_cache=True, return_type="logits_and_cache")
         layers = getattr(past, "layers", None)
         if layers is None or not all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in layers):
             self._prefix_off(f"the model returned no Hugging Face cache with per-layer keys/values "
@@ -168,15 +175,37 @@ class _Patcher:
         if len(layers) != self.n_layers:
             self._prefix_off(f"the model's cache has {len(layers)} layers, the model {self.n_layers}")
             return
+        # Every layer must hold the keys of every position: a sliding-window cache (Gemma-3's own keeps
+        # only the last window - 1) would hand the suffix the wrong prefix or none.
+        short = [(i, None if layer.keys is None else tuple(layer.keys.shape)) for i, layer in enumerate(layers)
+                 if layer.keys is None or layer.keys.ndim != 4 or layer.keys.shape[2] != self.n_pos]
+        if short:
+            i, shape = short[0]
+            self._prefix_off(f"the model's cache does not hold the keys of all {self.n_pos} positions in "
+                             f"{len(short)} layer(s) (layer {i}: keys {shape}; a sliding-window cache?)")
+            return
         prefix = [(layer.keys[:, :, :p0].clone(), layer.values[:, :, :p0].clone()) for layer in layers]
         full_cache = (self.source_cache, self.target_cache)
         self.p0, self.prefix_kv = p0, prefix
         self.source_cache = {n: _suffix_slice(n, t, p0) for n, t in full_cache[0].items()}
         self.target_cache = {n: _suffix_slice(n, t, p0) for n, t in full_cache[1].items()}
-        with torch.no_grad():  # check: the unpatched suffix run reproduces the target run's logits
-            values, _ = self.run([_PatchedRun([], 0)], _return_logits=True)
-        check = values[0]
         reference = target_logits[:, self.keep_positions]
+        try:
+            with torch.no_grad():  # check: the unpatched suffix run reproduces the target run's logits
+                values, _ = self.run([_PatchedRun([], 0)], _return_logits=True)
+            check = values[0]
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as err:
+            # An attention that cannot continue from the cache fails with a tensor-shape RuntimeError (a
+            # sliding-window cache: "The size of tensor a (20) must match the size of tensor b (10) at
+            # non-singleton dimension 3" in the bridge's attention-mask reconstruction). Any other
+            # exception type is a bug and propagates.
+            self.p0, self.prefix_kv = 0, []
+            self.source_cache, self.target_cache = full_cache
+            self._prefix_off(f"a run over positions {p0}.. with the prefix's cached keys/values raised "
+                             f"{type(err).__name__}: {err}")
+            return
         if check.shape != reference.shape or not torch.allclose(check, reference, atol=1e-4, rtol=1e-4):
             self.p0, self.prefix_kv = 0, []
             self.source_cache, self.target_cache = full_cache
@@ -350,21 +379,30 @@ class _Patcher:
 
     @contextlib.contextmanager
     def _skip_blocks_below(self, start: int):
-        """Temporarily drop blocks ``0..start-1`` from the wrapped model's layer list.
+        """Temporarily make blocks ``0..start-1`` return their input unchanged.
 
         The bridge's ``start_at_layer`` swaps the cached residual in at block ``start`` but still runs
-        the blocks below it; removing them from the list skips that wasted work. Hooks live on the
-        block modules themselves, so they are unaffected.
+        the blocks below it; passing their input through skips that wasted work. The blocks stay in
+        the wrapped model's layer list: models that look up per-layer settings by position in that
+        list (Gemma-2/3 pick each layer's sliding-window or global mask and rotary base from
+        ``config.layer_types[i]``) would otherwise give block ``start`` the settings of block 0.
+        Hooks live on the block modules themselves, so they are unaffected.
         """
-        if start <= 0 or self._layer_list is None:
+        if start <= 0:
             yield
             return
-        parent, attr, full = self._layer_list
-        setattr(parent, attr, nn.ModuleList(list(full)[start:]))
+        skipped = list(self.model.blocks)[:start]
+        for block in skipped:  # object.__setattr__: the bridge would forward a plain setattr to the HF module
+            object.__setattr__(block, "forward", _passthrough)
         try:
             yield
         finally:
-            setattr(parent, attr, full)
+            for block in skipped:
+                object.__delattr__(block, "forward")
+
+
+def _passthrough(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return hidden_states
 
 
 def _suffix_slice(name: str, tensor: torch.Tensor, p0: int) -> torch.Tensor:
@@ -372,21 +410,6 @@ def _suffix_slice(name: str, tensor: torch.Tensor, p0: int) -> torch.Tensor:
     if name.endswith(("hook_pattern", "hook_attn_scores")):  # [batch, head, query_pos, key_pos]
         return tensor[:, :, p0:]
     return tensor[:, p0:]
-
-
-def _find_layer_list(model: Any) -> tuple[nn.Module, str, nn.ModuleList] | None:
-    """The ``nn.ModuleList`` of the wrapped HF model that holds the bridge's blocks (parent, attr, list)."""
-    blocks = list(getattr(model, "blocks", []))
-    original = getattr(model, "original_model", None)
-    if not blocks or original is None:
-        return None
-    for module in original.modules():
-        for attr, child in module.named_children():
-            if isinstance(child, nn.ModuleList) and len(child) == len(blocks) and all(
-                a is b for a, b in zip(child, blocks)
-            ):
-                return module, attr, child
-    return None
 
 
 def _make_edit_hook(edits: list[tuple[int, Edit]], batch_size: int):

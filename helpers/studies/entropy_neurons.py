@@ -58,6 +58,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
+from helpers.models import norm_eps, norm_gain, post_sublayer_norm
 from helpers.prompts import TokenBatch
 
 # --------------------------------------------------------------------------------------------------
@@ -114,7 +115,7 @@ def final_readout(model: Any) -> FinalReadout:
         raise NotImplementedError(f"The final norm of this model is a {name}; only LayerNorm and RMSNorm are supported.")
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None) or getattr(model.cfg, "eps", 1e-5)
     d_model = model.cfg.d_model
-    weight = getattr(norm, "weight", None)
+    weight = norm_gain(model.ln_final) if hasattr(model.ln_final, "original_component") else getattr(norm, "weight", None)
     bias = getattr(norm, "bias", None)
     W_U = model.W_U.detach().float()
     b_U = getattr(model, "b_U", None)
@@ -204,10 +205,20 @@ def neuron_name(layer: int, neuron: int) -> str:
 
 
 def output_weights(model: Any, layer: int | None = None, readout: FinalReadout | None = None) -> Float[torch.Tensor, "d_mlp d_model"]:
-    """``W_out[layer]`` (default: the final layer), rows = neurons; mean-removed for LayerNorm models."""
+    """What each neuron of ``layer`` (default: the final one) writes into the residual stream, rows =
+    neurons: ``W_out[layer]``; mean-removed for LayerNorm models.
+
+    Models with a norm after the MLP (Gemma-2/3's post-feedforward RMSNorm) write ``(1 + γ) ⊙ w_out``
+    divided by that norm's per-token scale: the rows are multiplied by ``1 + γ`` (the direction is then
+    exact; a positive per-token factor changes no direction, no ``ρ``, no cosine).
+    """
     layer = model.cfg.n_layers - 1 if layer is None else layer
     readout = final_readout(model) if readout is None else readout
-    return readout.center(model.W_out[layer].detach().float())
+    rows = model.W_out[layer].detach().float()
+    post = post_sublayer_norm(model, layer, "mlp")
+    if post is not None:
+        rows = rows * norm_gain(post).float()
+    return readout.center(rows)
 
 
 @dataclass
@@ -396,6 +407,10 @@ class CleanRun:
     loss: Float[torch.Tensor, "batch pos"]
     kl_unigram: Float[torch.Tensor, "batch pos"] | None
     log_unigram: Float[torch.Tensor, "d_vocab"] | None = field(default=None, repr=False)
+    mlp_raw: Float[torch.Tensor, "batch pos d_model"] | None = field(default=None, repr=False)
+    """Models with a post-feedforward norm (Gemma-2/3): the final MLP's output before that norm."""
+    mlp_out: Float[torch.Tensor, "batch pos d_model"] | None = field(default=None, repr=False)
+    """… and after it (what the final MLP adds to the residual stream)."""
 
     @property
     def n_tokens(self) -> int:
@@ -440,9 +455,12 @@ def run_clean(
         raise ValueError(f"neurons must be in 0..{model.cfg.d_mlp - 1}, got {neurons}.")
     readout = final_readout(model)
     names = (f"blocks.{layer}.hook_resid_post", f"blocks.{layer}.mlp.hook_post", "ln_final.hook_scale")
+    post_norm = post_sublayer_norm(model, layer, "mlp") is not None
+    if post_norm:  # the final MLP's output before and after its post-feedforward norm
+        names += (f"blocks.{layer}.mlp.hook_out", f"blocks.{layer}.hook_mlp_out")
     special = torch.tensor(special_token_ids(model))
     log_q = None if log_unigram is None else log_unigram.float().cpu()
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("resid", "scale", "acts", "entropy", "loss", "kl")}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("resid", "scale", "acts", "entropy", "loss", "kl", "raw", "out")}
     act_sum = torch.zeros(model.cfg.d_mlp, dtype=torch.float64)
     act_count = 0
     for start in tqdm(range(0, len(batch), batch_size), desc="clean run", leave=False):
@@ -467,7 +485,10 @@ def run_clean(
         non_bos = tokens != (model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else -1)
         act_sum += (post * non_bos[..., None]).sum(dim=(0, 1)).double()
         act_count += int(non_bos.sum())
-        for key, value in (("resid", resid), ("scale", scale), ("acts", post[..., neurons]), ("entropy", entropy), ("loss", loss), ("kl", kl)):
+        raw = cache[names[3]].float().cpu() if post_norm else None
+        out = cache[names[4]].float().cpu() if post_norm else None
+        for key, value in (("resid", resid), ("scale", scale), ("acts", post[..., neurons]), ("entropy", entropy), ("loss", loss),
+                           ("kl", kl), ("raw", raw), ("out", out)):
             if value is not None:
                 parts[key].append(value)
         del cache, logits
@@ -486,6 +507,8 @@ def run_clean(
         loss=torch.cat(parts["loss"]),
         kl_unigram=torch.cat(parts["kl"]) if parts["kl"] else None,
         log_unigram=log_q,
+        mlp_raw=torch.cat(parts["raw"]) if parts["raw"] else None,
+        mlp_out=torch.cat(parts["out"]) if parts["out"] else None,
     )
 
 
@@ -570,6 +593,13 @@ def mean_ablation_effects(
     The logits are formed as ``(s/s')·(z − c) + (δa/s')·u + c`` with ``u = (γ ⊙ w_out) W_U`` and
     ``c`` the bias logits, so each neuron costs only elementwise work over ``[tokens, d_vocab]``.
 
+    With a post-feedforward norm (Gemma-2/3: the MLP adds ``o = g ⊙ m / r`` with ``m`` its raw output,
+    ``r = rms(m)``, ``g = 1 + γ``) the neuron changes ``m`` by ``δa w_out`` and that norm is recomputed
+    (it belongs to the neuron's path; only the final norm is frozen for "direct"): with
+    ``r' = rms(m + δa w_out)``, ``δx = (r/r' − 1) o + (δa/r') g ⊙ w_out``, so the logits gain
+    ``(r/r' − 1) L(o)`` — one extra ``[tokens, d_vocab]`` product per chunk, shared by all neurons —
+    and ``u`` uses ``g ⊙ w_out``. Still exact.
+
     Args:
         model: the bridge the clean run came from.
         clean: from :func:`run_clean`; every neuron in ``neurons`` must have been tracked.
@@ -582,7 +612,13 @@ def mean_ablation_effects(
     neurons = [int(n) for n in neurons]
     readout = final_readout(model)
     layer = model.cfg.n_layers - 1
-    w_out = model.W_out[layer].detach().float()[neurons]  # raw rows: the stream really changes by these
+    raw_w = model.W_out[layer].detach().float()[neurons]  # the MLP's raw output changes by these
+    post = post_sublayer_norm(model, layer, "mlp")
+    if post is not None and (clean.mlp_raw is None or clean.mlp_out is None):
+        raise ValueError("This model normalises its MLP output (post-feedforward norm): the clean run must come from "
+                         "run_clean on this model (it caches the final MLP's output before and after that norm).")
+    gain = norm_gain(post).float() if post is not None else None
+    w_out = raw_w * gain if gain is not None else raw_w  # what the stream gains per unit of activation (÷ r)
     centred_w = readout.center(w_out)  # what the norm lets through (LayerNorm removes the mean)
     direct_logits = (centred_w * readout.weight) @ readout.W_U  # [n, d_vocab]: logits per unit of x̂
     ablate_to = clean.neuron_means[neurons] if values is None else torch.as_tensor(values, dtype=torch.float32)
@@ -596,6 +632,11 @@ def mean_ablation_effects(
         mask &= keep.reshape(mask.shape)
     resid = clean.resid[mask]  # [T, d_model]
     scale = clean.scale[mask]
+    if post is not None:
+        post_eps = norm_eps(post)
+        mlp_raw, mlp_out = clean.mlp_raw[mask], clean.mlp_out[mask]  # [T, d_model]
+        mlp_scale = (mlp_raw.pow(2).mean(-1) + post_eps).sqrt()  # r
+        centred_out = readout.center(mlp_out)
     acts = torch.stack([clean.activation(n)[mask] for n in neurons])  # [n, T]
     next_tokens = torch.cat([clean.tokens[:, 1:], torch.full_like(clean.tokens[:, :1], -1)], dim=1)[mask]
     delta = ablate_to[:, None] - acts  # [n, T]
@@ -611,15 +652,28 @@ def mean_ablation_effects(
         x, s = resid[rows], scale[rows]
         z0 = readout.logits(x, scale=s) - bias_logits  # clean logits without the bias part
         xc = centred_resid[rows]
+        if post is not None:
+            out_logits = (centred_out[rows] * readout.weight) @ readout.W_U  # L(o), shared by every neuron
         for i in range(len(neurons)):
             d = delta[i, rows]
-            new_scale = ((xc + d[:, None] * centred_w[i]).pow(2).mean(-1) + readout.eps).sqrt()
+            if post is None:
+                along, rescale = d, None  # δx = δa · w_out
+                new_scale = ((xc + d[:, None] * centred_w[i]).pow(2).mean(-1) + readout.eps).sqrt()
+            else:  # δx = (r/r' − 1) o + (δa/r') g ⊙ w_out
+                r = mlp_scale[rows]
+                r_new = ((mlp_raw[rows] + d[:, None] * raw_w[i]).pow(2).mean(-1) + post_eps).sqrt()
+                along, rescale = d / r_new, r / r_new - 1.0
+                shifted = xc + rescale[:, None] * centred_out[rows] + along[:, None] * centred_w[i]
+                new_scale = (shifted.pow(2).mean(-1) + readout.eps).sqrt()
             for kind, (kh, kl_, kk) in (("total", ("ht", "lt", "kt")), ("direct", ("hd", "ld", "kd"))):
+                divisor = new_scale if kind == "total" else s
                 if kind == "total":  # (s/s')·z0 + (δa/s')·u + c
                     logits = (s / new_scale)[:, None] * z0
-                    logits.addr_(d / new_scale, direct_logits[i])
+                    logits.addr_(along / new_scale, direct_logits[i])
                 else:  # z0 + (δa/s)·u + c
-                    logits = z0.clone().addr_(d / s, direct_logits[i])
+                    logits = z0.clone().addr_(along / s, direct_logits[i])
+                if rescale is not None:
+                    logits.add_((rescale / divisor)[:, None] * out_logits)
                 if has_bias:
                     logits += bias_logits
                 h, loss, kl = _per_token_stats(logits, next_tokens[rows], log_q)

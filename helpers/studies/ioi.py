@@ -583,7 +583,8 @@ def copy_scores(
     whether the name's own token is among the ``top_k`` logits. The score is the fraction of names
     for which it is. ``negative=True`` flips the sign of the OV output first (negative name movers
     write *minus* the name). Grouped-query attention: query head ``h`` reads value head
-    ``h // (n_heads // n_kv_heads)``.
+    ``h // (n_heads // n_kv_heads)``. A post-attention norm (Gemma-2/3) is applied to the head's
+    output before the final norm, as the model does.
     """
     resid, ids = name_token_residuals(model, names)
     n_heads = model.cfg.n_heads
@@ -598,6 +599,9 @@ def copy_scores(
         if b_V is not None:
             value = value + b_V[layer, head // group]
         out = value @ W_O[layer, head]
+        post_norm = getattr(model.blocks[layer], "ln1_post", None)  # Gemma-2/3 normalise the attention output
+        if post_norm is not None:
+            out = post_norm(out[None])[0]
         if negative:
             out = -out
         logits = model.unembed(model.ln_final(out[None]))[0]

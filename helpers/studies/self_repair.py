@@ -11,7 +11,8 @@ later MLPs and the final norm scale, and the freeze-one-at-a-time runs) live in
   over-corrects.
 * :func:`token_effects` — the per-token numbers of one head (self-repair is noisy).
 * :func:`neuron_repair` — anti-erasure: the change of every later MLP neuron's direct effect when a
-  head is ablated, on that head's top tokens, and :func:`cumulative_share` (how few neurons explain
+  head is ablated, on that head's top tokens (:func:`neuron_repair_parts` also returns the part a
+  post-feedforward norm carries, Gemma-2/3), and :func:`cumulative_share` (how few neurons explain
   it).
 * :func:`load_self_repair_tokens` — the text: the offline corpus, or the Pile in the paper profile.
 
@@ -30,6 +31,7 @@ from jaxtyping import Bool, Float
 
 from helpers.ablation import AblationMethod, Head, ablation_values, resample_reference, stacked_ablation_hooks
 from helpers.effects import AblationEffects, _run_to_final, _StopForward, logit_readout, next_token_targets
+from helpers.models import norm_gain, post_sublayer_norm
 from helpers.prompts import TokenBatch
 
 PAPER = {
@@ -177,7 +179,30 @@ def neuron_repair(
     neurons of layer ``l`` it is that layer's share of ``later_mlps`` in
     :class:`helpers.effects.AblationEffects` (MLP output biases do not change). Positive =
     the neuron now pushes the correct token more than it did (it stops erasing it).
+
+    Models with a post-feedforward norm (Gemma-2/3) write ``g ⊙ m / r`` (``m`` the MLP's raw output,
+    ``r = rms(m)``, ``g = 1 + γ``): a neuron's entry is then ``Δpost · (g ⊙ W_out[l, n] · ũ) / (r' s)``
+    with ``r'`` the ablated run's scale, and the neurons add up to the layer's change *minus* the
+    norm's rescaling of the clean output, ``(o · ũ)(r/r' − 1) / s`` — which
+    :func:`neuron_repair_parts` returns as well.
     """
+    return neuron_repair_parts(model, batch, head, token_mask, method=method, reference=reference, seed=seed)[0]
+
+
+@torch.no_grad()
+def neuron_repair_parts(
+    model: Any,
+    batch: TokenBatch,
+    head: Head | tuple[int, int],
+    token_mask: Bool[torch.Tensor, "batch pos"],
+    *,
+    method: AblationMethod = "resample",
+    reference: TokenBatch | None = None,
+    seed: int = 0,
+) -> tuple[Float[torch.Tensor, "layer d_mlp"], Float[torch.Tensor, "layer"]]:
+    """:func:`neuron_repair` and, per layer, the part of the MLP layer's change that no neuron carries:
+    the post-feedforward norm rescaling the clean output (zeros for models without such a norm).
+    ``per_neuron.sum(-1) + rescale`` is each MLP layer's share of ``later_mlps``."""
     head = Head(*head) if isinstance(head, tuple) else head
     if token_mask.shape != batch.tokens.shape:
         raise ValueError(f"token_mask must be [batch, pos] = {tuple(batch.tokens.shape)}, got {tuple(token_mask.shape)}.")
@@ -186,6 +211,7 @@ def neuron_repair(
     targets, _ = next_token_targets(batch)
     readout = logit_readout(model, targets)
     layers = list(range(head.layer, model.cfg.n_layers))
+    post_norms = {l: post_sublayer_norm(model, l, "mlp") for l in layers}
     where = token_mask.to(batch.tokens.device)
     start_name = f"blocks.{head.layer}.hook_resid_pre"
     clean: dict[str, torch.Tensor] = {}
@@ -193,7 +219,7 @@ def neuron_repair(
 
     def grab(store: dict, name: str):
         def hook(activation: torch.Tensor, hook: Any) -> None:
-            store[name] = activation if name == start_name else activation[where].float()  # [tokens, d_mlp]
+            store[name] = activation if name == start_name else activation[where].float()  # [tokens, ...]
 
         return (name, hook)
 
@@ -205,23 +231,35 @@ def neuron_repair(
         return ("ln_final.hook_in", hook)
 
     post_names = [f"blocks.{l}.mlp.hook_post" for l in layers]
+    norm_names = [f"blocks.{l}.ln2_post.hook_scale" for l in layers if post_norms[l] is not None]
+    out_names = [f"blocks.{l}.hook_mlp_out" for l in layers if post_norms[l] is not None]
     # Clean pass (stopped before the unembedding), then the ablated pass from the head's layer on.
     _run_to_final(model, batch.tokens, batch.attention_mask,
-                  [grab(clean, n) for n in post_names + [start_name]] + [stop(clean)])
+                  [grab(clean, n) for n in post_names + norm_names + out_names + [start_name]] + [stop(clean)])
     values = ablation_values(model, [head], method, reference)
     ablate = stacked_ablation_hooks(model, [head], values, len(batch))
     inputs = clean[start_name] if head.layer else batch.tokens
-    _run_to_final(model, inputs, batch.attention_mask, ablate + [grab(ablated, n) for n in post_names] + [stop(ablated)],
-                  head.layer)
+    _run_to_final(model, inputs, batch.attention_mask,
+                  ablate + [grab(ablated, n) for n in post_names + norm_names] + [stop(ablated)], head.layer)
     scale = clean["scale"]  # the clean run's final-norm scale on the selected tokens
     directions = readout.directions[where]  # [tokens, d_model]
     result = torch.zeros(model.cfg.n_layers, model.cfg.d_mlp)
+    rescale = torch.zeros(model.cfg.n_layers)
     W_out = model.W_out.detach().float()
     for layer, name in zip(layers, post_names):
-        w = directions @ W_out[layer].T  # [tokens, d_mlp]
-        delta = (ablated[name] - clean[name]) * w / scale[:, None]
+        norm = post_norms[layer]
+        if norm is None:
+            w = directions @ W_out[layer].T  # [tokens, d_mlp]
+            delta = (ablated[name] - clean[name]) * w / scale[:, None]
+        else:
+            r = clean[f"blocks.{layer}.ln2_post.hook_scale"][:, 0]
+            r_new = ablated[f"blocks.{layer}.ln2_post.hook_scale"][:, 0]
+            w = directions @ (W_out[layer] * norm_gain(norm).float()).T  # [tokens, d_mlp]
+            delta = (ablated[name] - clean[name]) * w / (r_new * scale)[:, None]
+            out_dot = (clean[f"blocks.{layer}.hook_mlp_out"] * directions).sum(-1)
+            rescale[layer] = (out_dot * (r / r_new - 1.0) / scale).mean().cpu()
         result[layer] = delta.mean(0).cpu()
-    return result
+    return result, rescale
 
 
 def cumulative_share(contributions: Float[torch.Tensor, "n"], k_values: Sequence[int]) -> dict[int, float]:

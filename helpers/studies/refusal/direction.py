@@ -729,8 +729,15 @@ def load_study_model(run: Any) -> Any:
       refuse, so there would be no refusal to study.
     """
     if run.profile.uses_embedded_model:
+        from helpers.profiles import MODEL_ENV_VAR, ModelChoiceError, get_embedded_model
         from helpers.studies.refusal.safety_tuning import load_safety_tuned_model
 
+        choice = get_embedded_model(getattr(run, "embedded_model", None))
+        if not choice.is_default:
+            raise ModelChoiceError(
+                f"The refusal study's embedded run needs SmolLM2: its safety-tuning adapter was trained for it, "
+                f"and there is none for {choice.name}. Unset {MODEL_ENV_VAR} (or set {MODEL_ENV_VAR}=smollm2) for this notebook."
+            )
         return load_safety_tuned_model(device=run.device)
     return run.load_model()
 
