@@ -11,9 +11,12 @@ Components and where they are ablated
   ``(layer, head)`` tuple means a head too.
 * :class:`Neuron` ``(layer, neuron)`` — one column of ``blocks.{layer}.mlp.hook_post``
   ``[batch, pos, d_mlp]`` (the activation that multiplies ``W_out``), at every position.
-* :class:`ResidDirection` ``(layer, direction, site)`` — the component of
+* :class:`ResidDirection` ``(layer, direction, site)`` — the component of the residual stream at
   ``blocks.{layer}.hook_{site}`` along the unit vector ``direction``; the orthogonal complement is
-  left exactly as it was.
+  left exactly as it was. ``"resid_mid"`` (the stream after the block's attention) is edited for
+  real: the bridge's ``hook_resid_mid`` is only the MLP norm's *input* — the skip connection carries
+  its own copy of the stream — so the same change is also added to the block's output
+  (``hook_resid_post``); see :func:`resid_mid_hooks`.
 
 Methods (:func:`ablation_hooks`)
 --------------------------------
@@ -114,7 +117,9 @@ class Neuron:
 class ResidDirection:
     """The component along ``direction`` of the residual stream at ``blocks.{layer}.hook_{site}``.
 
-    ``direction`` is normalised to unit length when the hooks are built.
+    ``direction`` is normalised to unit length when the hooks are built. ``site="resid_mid"`` edits the
+    stream after the attention both where the MLP reads it and on the skip connection
+    (:func:`resid_mid_hooks`); :attr:`hook_name` is where its value is read.
     """
 
     layer: int
@@ -173,6 +178,57 @@ def unit_direction(direction: Any, d_model: int, *, name: str = "direction") -> 
     if not torch.isfinite(norm) or norm == 0:
         raise ValueError(f"{name} has norm {norm.item()}: it must be finite and non-zero to define a direction.")
     return direction / norm
+
+
+def resid_mid_hooks(model: Any, layer: int, edit: Callable[..., torch.Tensor]) -> list[Hook]:
+    """Hooks that apply ``edit(activation, hook) -> new activation`` to the residual stream after block
+    ``layer``'s attention (the stream its MLP branch reads and adds to).
+
+    On the bridge ``blocks.{layer}.hook_resid_mid`` is the MLP norm's input (``ln2.hook_in``), not the
+    residual stream itself: the block adds the MLP output to its own copy of the stream, so editing
+    that hook alone changes only what the MLP reads. These hooks edit it there and add the same
+    change to the block's output (``blocks.{layer}.hook_resid_post``), so the MLP reads the edited
+    stream *and* the skip connection carries it: the block's output is
+    ``edited_mid + MLP(edited_mid)``. The change is complete only after ``hook_resid_post``; a hook on
+    it registered before these sees the stream without it.
+
+    Raises ``NotImplementedError`` for an architecture whose ``hook_resid_mid`` is not the MLP norm's
+    input (e.g. parallel attention and MLP), where there is no such stream to edit.
+    """
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not 0 <= layer < len(blocks):
+        raise ValueError(f"layer {layer} is out of range; the model has {model.cfg.n_layers} layers.")
+    alias = (getattr(blocks[layer], "hook_aliases", None) or {}).get("hook_resid_mid")
+    if alias != "ln2.hook_in":
+        raise NotImplementedError(
+            f"resid_mid: blocks.{layer}.hook_resid_mid is {alias!r} on this architecture, not the MLP norm's input "
+            "('ln2.hook_in'), so there is no residual stream between attention and MLP to edit this way; "
+            "use site='resid_pre' or 'resid_post'.")
+    state: dict[str, torch.Tensor] = {}
+
+    def at_mlp_input(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+        edited = edit(activation, hook)
+        state["delta"] = edited - activation
+        return edited
+
+    def on_skip_connection(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+        delta = state.pop("delta", None)
+        if delta is None:
+            raise RuntimeError(f"blocks.{layer}.hook_resid_post ran without blocks.{layer}.hook_resid_mid before it "
+                               "in this forward pass; cannot carry the resid_mid edit to the block's output.")
+        if delta.shape != activation.shape:
+            raise RuntimeError(f"resid_mid edit of shape {tuple(delta.shape)} does not fit blocks.{layer}.hook_resid_post "
+                               f"{tuple(activation.shape)}.")
+        return activation + delta.to(activation)
+
+    return [(f"blocks.{layer}.hook_resid_mid", at_mlp_input), (f"blocks.{layer}.hook_resid_post", on_skip_connection)]
+
+
+def _site_hooks(model: Any, name: str, fn: Callable[..., torch.Tensor]) -> list[Hook]:
+    """``[(name, fn)]``, or for a ``hook_resid_mid`` the pair from :func:`resid_mid_hooks`."""
+    if name.endswith(".hook_resid_mid"):
+        return resid_mid_hooks(model, int(name.split(".")[1]), fn)
+    return [(name, fn)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -340,7 +396,7 @@ def ablation_hooks(
 
         return hook
 
-    return [(name, make_hook(entries)) for name, entries in by_hook.items()]
+    return [hook for name, entries in by_hook.items() for hook in _site_hooks(model, name, make_hook(entries))]
 
 
 def zero_ablation_hooks(model: Any, components: Component | Sequence[Component]) -> list[Hook]:
@@ -398,7 +454,7 @@ def stacked_ablation_hooks(
 
         return hook
 
-    return [(name, make_hook(entries)) for name, entries in by_hook.items()]
+    return [hook for name, entries in by_hook.items() for hook in _site_hooks(model, name, make_hook(entries))]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -435,7 +491,9 @@ def activation_addition_hooks(
     *,
     site: ResidSite = "resid_pre",
 ) -> list[Hook]:
-    """Hooks that add ``coeff * direction`` to ``blocks.{layer}.hook_{site}`` at every position.
+    """Hooks that add ``coeff * direction`` to the residual stream at ``blocks.{layer}.hook_{site}`` at
+    every position (``"resid_mid"``: where the MLP reads it and on the skip connection, see
+    :func:`resid_mid_hooks`).
 
     ``direction`` is used as given (not normalised): for the refusal direction it is the
     difference of means, whose norm is the natural scale of the intervention.
@@ -452,7 +510,7 @@ def activation_addition_hooks(
     def add(activation: torch.Tensor, hook: Any) -> torch.Tensor:
         return activation + vector.to(activation)
 
-    return [(f"blocks.{layer}.hook_{site}", add)]
+    return _site_hooks(model, f"blocks.{layer}.hook_{site}", add)
 
 
 def _per_layer_values(value: Any, n_layers: int, name: str) -> list[float]:

@@ -322,24 +322,89 @@ def test_neuron_ablation_matches_naive_loop(model, batch, method):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def naive_stream_hooks(site, layer, new_stream):
+    """Hooks that set the residual stream at ``site`` of ``layer`` to ``new_stream(stream)``, each reached
+    its own way: resid_pre at the block's input; resid_post at the next block's input; resid_mid (the
+    stream after attention, which the bridge has no hook for) through the attention output, as
+    ``attn_out := new_stream(resid_pre + attn_out) - resid_pre`` with this run's resid_pre."""
+    if site == "resid_pre":
+        return [(f"blocks.{layer}.hook_resid_pre", lambda x, hook: new_stream(x))]
+    if site == "resid_post":
+        return [(f"blocks.{layer + 1}.hook_resid_pre", lambda x, hook: new_stream(x))]
+    seen = {}
+
+    def keep(x, hook):
+        seen["resid_pre"] = x.detach().clone()
+        return x
+
+    def through_attn_out(attn_out, hook):
+        return new_stream(seen["resid_pre"] + attn_out) - seen["resid_pre"]
+
+    return [(f"blocks.{layer}.hook_resid_pre", keep), (f"blocks.{layer}.hook_attn_out", through_attn_out)]
+
+
+def stream_by_hand(model, batch, site, layer):
+    """The residual stream at ``site`` of ``layer`` on a clean run, from resid_pre / attn_out hooks."""
+    names = [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_attn_out", f"blocks.{layer + 1}.hook_resid_pre"]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask, names_filter=names)
+    return {"resid_pre": cache[names[0]], "resid_mid": cache[names[0]] + cache[names[1]],
+            "resid_post": cache[names[2]]}[site]
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "resid_mid", "resid_post"])
 @pytest.mark.parametrize("method", ["zero", "mean", "resample"])
-def test_direction_ablation_matches_naive_projection(model, batch, method):
+def test_direction_ablation_matches_naive_projection(model, batch, method, site):
+    """The residual stream itself is edited at each site (resid_mid included: not only the MLP's input)."""
     reference = resample_reference(batch, seed=7) if method == "resample" else tokenize(model, TEXTS)
     direction = torch.randn(model.cfg.d_model)
     unit = direction / direction.norm()
-    name = "blocks.1.hook_resid_mid"
-    with torch.no_grad():
-        _, ref_cache = model.run_with_cache(reference.tokens, attention_mask=reference.attention_mask, names_filter=[name])
-    ref_proj = ref_cache[name] @ unit
+    ref_proj = stream_by_hand(model, reference, site, 1) @ unit
+    target = {"zero": lambda proj: torch.zeros_like(proj),
+              "mean": lambda proj: masked_mean(ref_proj, reference.attention_mask).expand_as(proj),
+              "resample": lambda proj: ref_proj}[method]
 
-    def naive(x, hook):
+    def new_stream(x):
         proj = x @ unit
-        target = {"zero": torch.zeros_like(proj), "mean": masked_mean(ref_proj, reference.attention_mask).expand_as(proj), "resample": ref_proj}[method]
-        return x + (target - proj)[..., None] * unit
+        return x + (target(proj) - proj)[..., None] * unit
 
-    expected = run(model, batch, [(name, naive)])
-    got = run(model, batch, ablation_hooks(model, ResidDirection(1, direction, "resid_mid"), method, reference=reference))
+    expected = run(model, batch, naive_stream_hooks(site, 1, new_stream))
+    got = run(model, batch, ablation_hooks(model, ResidDirection(1, direction, site), method, reference=reference))
+    assert (expected - run(model, batch)).abs().max() > 1e-4, "the ablation should change the logits"
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_resid_mid_edits_the_residual_stream_not_only_the_mlp_input(model, batch):
+    """Hand-computed: mid = resid_pre + attn_out (clean run; nothing upstream changes), mid' = mid with its
+    component along r removed. The MLP must read mid', and the block's output must be mid' + MLP output
+    — the skip connection carries the edited stream too."""
+    layer = 1
+    direction = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(3))
+    unit = direction / direction.norm()
+    mid = stream_by_hand(model, batch, "resid_mid", layer)
+    edited = mid - (mid @ unit)[..., None] * unit
+    store: dict = {}
+    names = [f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.hook_mlp_out", f"blocks.{layer + 1}.hook_resid_pre"]
+    hooks = ablation_hooks(model, ResidDirection(layer, direction, "resid_mid"), "zero")
+    run(model, batch, hooks + [(n, capture(store, n)) for n in names])
+    mlp_input, mlp_out, next_stream = (store[n] for n in names)
+    torch.testing.assert_close(mlp_input, edited, atol=1e-5, rtol=1e-5)
+    block = model.blocks[layer]
+    with torch.no_grad():
+        mlp_by_hand = block.mlp.original_component(block.ln2.original_component(edited))
+        if hasattr(block, "ln2_post"):  # Gemma-2/3 normalise the MLP output before adding it (hook_mlp_out is after)
+            mlp_by_hand = block.ln2_post.original_component(mlp_by_hand)
+    torch.testing.assert_close(mlp_out, mlp_by_hand, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(next_stream, edited + mlp_out, atol=1e-5, rtol=1e-5)
+    # along r only what the MLP wrote is left (on the skip connection the old component is gone)
+    torch.testing.assert_close(next_stream @ unit, mlp_out @ unit, atol=1e-4, rtol=1e-4)
+    assert float((mid @ unit).abs().max()) > 1e-2  # there was a component to remove
+    # activation addition at resid_mid: the MLP reads mid + v and the skip connection carries it
+    vector = 0.5 * direction
+    store.clear()
+    run(model, batch, activation_addition_hooks(model, vector, layer, site="resid_mid") + [(n, capture(store, n)) for n in names])
+    torch.testing.assert_close(store[names[0]], mid + vector, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(store[names[2]], mid + vector + store[names[1]], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["mean", "resample"])
@@ -368,7 +433,9 @@ def test_ablation_leaves_other_components_untouched(model, batch, method):
 
 
 def test_stacked_ablation_matches_one_forward_per_component(model, batch):
-    components = [Head(0, 0), Head(1, 3), Neuron(2, 4), Head(2, 1)]
+    direction = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(4))
+    components = [Head(0, 0), Head(1, 3), Neuron(2, 4), Head(2, 1), ResidDirection(1, direction, "resid_mid"),
+                  ResidDirection(0, direction, "resid_post")]
     reference = resample_reference(batch, seed=11)
     values = ablation_values(model, components, "resample", reference)
     n = len(batch)
@@ -385,6 +452,16 @@ def test_stacked_ablation_matches_one_forward_per_component(model, batch):
 # ------------------------------------------------------------------------------------------------
 # Bad input
 # ------------------------------------------------------------------------------------------------
+
+
+def test_resid_mid_is_refused_where_hook_resid_mid_is_not_the_mlp_norm_input(model, monkeypatch):
+    from helpers.ablation import resid_mid_hooks
+
+    monkeypatch.setitem(model.blocks[1].hook_aliases, "hook_resid_mid", "hook_out")
+    with pytest.raises(NotImplementedError, match="not the MLP norm's input"):
+        ablation_hooks(model, ResidDirection(1, torch.ones(model.cfg.d_model), "resid_mid"), "zero")
+    with pytest.raises(NotImplementedError, match="resid_pre"):
+        resid_mid_hooks(model, 1, lambda x, hook: x)
 
 
 def test_bad_input_fails_clearly(model, batch):

@@ -283,9 +283,63 @@ def test_induction_tables(model):
     summary = en.induction_summary(frame, half)
     assert {"first half", "repeated half"} <= set(summary.columns) and "entropy" in summary.index
     assert summary.loc["entropy", "first half"] == pytest.approx(frame.entropy[1:half].mean())
-    best, table = en.pick_induction_neuron(model, clean, [PLANTED_ENTROPY, 3], [0.0, 0.0], half)
-    assert best in (PLANTED_ENTROPY, 3) and len(table) == 2
-    assert table.set_index("neuron").loc[best, "relative entropy change, repeated half"] == table["relative entropy change, repeated half"].min()
+
+
+
+def _naive_induction_row(model, batch, neuron, value, half):
+    """One candidate of pick_induction_neuron, by full forward passes: the final-layer neuron set to
+    ``value`` at every position; entropy of each next-token prediction; means over sequences and over the
+    repeated half (positions half+1 .. 2·half-1 predict the copy) and the first half (1 .. half-1)."""
+    layer = model.cfg.n_layers - 1
+    name = f"blocks.{layer}.mlp.hook_post"
+    store = {}
+
+    def keep(post, hook):
+        store["post"] = post.detach().clone()
+        return post
+
+    def set_value(post, hook):
+        post = post.clone()
+        post[:, :, neuron] = value
+        return post
+
+    def entropy(logits):
+        logp = logits.double().log_softmax(-1)
+        return -(logp.exp() * logp).sum(-1)                                  # [seq, pos]
+
+    with torch.no_grad():
+        clean = entropy(model.run_with_hooks(batch.tokens, fwd_hooks=[(name, keep)]))
+        ablated = entropy(model.run_with_hooks(batch.tokens, fwd_hooks=[(name, set_value)]))
+    repeated, first = slice(half + 1, 2 * half), slice(1, half)
+    activation = store["post"][:, :, neuron]
+    return {"activation first half": float(activation[:, first].mean()),
+            "activation repeated half": float(activation[:, repeated].mean()),
+            "entropy change (total), repeated half": float((ablated - clean)[:, repeated].mean()),
+            "relative entropy change, repeated half": float((ablated - clean)[:, repeated].mean() / clean[:, repeated].mean())}
+
+
+def test_pick_induction_neuron_matches_full_forward_passes(model):
+    """Replaces 'best in the only two candidates': every candidate's row recomputed by full forward passes
+    with the neuron set by a hook, and the pick is the naive lowest relative entropy change."""
+    half = 8
+    batch = en.repeated_random_tokens(model, 3, half, seed=0)
+    candidates = [3, PLANTED_ENTROPY, 5, 12]
+    values = [0.0, 3.0, -2.0, 1.0]
+    clean = en.run_clean(model, batch, candidates)
+    best, table = en.pick_induction_neuron(model, clean, candidates, values, half)
+    assert list(table["neuron"]) == candidates
+    naive = {n: _naive_induction_row(model, batch, n, v, half) for n, v in zip(candidates, values)}
+    rows = table.set_index("neuron")
+    for neuron, expected in naive.items():
+        for column, value in expected.items():
+            assert rows.loc[neuron, column] == pytest.approx(value, rel=1e-3, abs=1e-6), (neuron, column)
+    relative = {n: r["relative entropy change, repeated half"] for n, r in naive.items()}
+    assert best == min(relative, key=relative.get)
+    ranked = sorted(relative.values())
+    assert ranked[1] - ranked[0] > 1e-3  # a real choice
+    # the same pick whatever the candidates' order (so neither "the first" nor "the last" passes)
+    again, _ = en.pick_induction_neuron(model, clean, candidates[::-1], values[::-1], half)
+    assert again == best
 
 
 def test_figures_build(model):

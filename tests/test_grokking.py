@@ -197,6 +197,138 @@ def test_training_memorises_and_snapshots_line_up():
     assert history["sum_squared_weights"][0, 0] == pytest.approx(initial_norm, rel=1e-9)
 
 
+# --------------------------------------------------------------------------------------------------
+# Progress measures against a naive recomputation
+# --------------------------------------------------------------------------------------------------
+
+
+def naive_gini(values: torch.Tensor) -> float:
+    """Gini coefficient from its definition: mean absolute difference over all pairs / (2 · mean)."""
+    x = values.double().flatten()
+    return float((x[:, None] - x[None, :]).abs().mean() / (2 * x.mean()))
+
+
+def naive_component_norms(weights: torch.Tensor, p: int) -> torch.Tensor:
+    """Norm of each Fourier component (const, cos k, sin k, …) of ``weights`` ``[p, d]`` along its p axis,
+    with the unit basis vectors written out (const/√p, √(2/p)·cos, √(2/p)·sin)."""
+    x = torch.arange(p, dtype=torch.float64)
+    rows = [torch.full((p,), 1 / math.sqrt(p), dtype=torch.float64)]
+    for k in range(1, p // 2 + 1):
+        rows += [math.sqrt(2 / p) * torch.cos(2 * math.pi * k * x / p), math.sqrt(2 / p) * torch.sin(2 * math.pi * k * x / p)]
+    return (torch.stack(rows) @ weights.double()).norm(dim=-1)
+
+
+def naive_progress_row(params: dict[str, torch.Tensor], data, key_frequencies) -> dict[str, float]:
+    """One snapshot's progress measures, from the plain transformer (:func:`reference_logits`) and a least-
+    squares fit of the number logits on cos/sin(w_k(a + b)) over the inputs (the span the paper keeps)."""
+    p = data.p
+    logits = reference_logits({k: v[None] for k, v in params.items()}, data.tokens, 0)   # [p², vocab_out] float64
+    labels = data.labels
+    train = data.is_train
+
+    def ce(values, rows):
+        return float(F.cross_entropy(values[rows], labels[rows]))
+
+    def acc(values, rows):
+        return float((values[rows].argmax(-1) == labels[rows]).double().mean())
+
+    row = {"train_loss": ce(logits, train), "test_loss": ce(logits, ~train),
+           "train_accuracy": acc(logits, train), "test_accuracy": acc(logits, ~train)}
+    numbers = logits[:, :p]
+    a, b = data.tokens[:, 0].double(), data.tokens[:, 1].double()
+    design = torch.stack([f(2 * math.pi * k * (a + b) / p) for k in key_frequencies for f in (torch.cos, torch.sin)], 1)
+    fitted = design @ torch.linalg.lstsq(design, numbers).solution                    # the key-frequency part
+    restricted = fitted + (numbers - fitted).mean(0, keepdim=True)                     # + the paper's bias correction
+    everything = torch.ones_like(train)
+    row["restricted_loss"] = ce(restricted, everything)
+    row["excluded_loss"] = ce(numbers - fitted, train)
+    row["gini_W_E"] = naive_gini(naive_component_norms(params["W_E"][:p], p))
+    row["gini_W_L"] = naive_gini(naive_component_norms((params["W_out"] @ params["W_U"])[:, :p].T, p))
+    row["sum_squared_weights"] = sum(float(v.double().pow(2).sum()) for v in params.values())
+    return row
+
+
+def test_progress_measures_match_a_naive_recomputation():
+    """Every measure at every snapshot of two models with different splits and key frequencies."""
+    config = SMALL.replace(n_epochs=60, checkpoint_every=30)
+    run = train(config, seeds=(0, 1), progress=False)
+    keys = [[1, 2], [4]]
+    history = fourier.progress_measures(run, keys, chunk_models=3, progress=False)
+    assert list(history["epoch"]) == [0, 30, 60]
+    for c in range(3):
+        for m in range(2):
+            params = {name: value[c, m] for name, value in run.snapshots.items()}
+            expected = naive_progress_row(params, run.data[m], keys[m])
+            for name, value in expected.items():
+                assert history[name][c, m] == pytest.approx(value, rel=2e-5, abs=1e-9), (c, m, name)
+    # the measures depend on the key frequencies and the split, so a mix-up would show
+    swapped = naive_progress_row({n: v[-1, 0] for n, v in run.snapshots.items()}, run.data[0], keys[1])
+    assert abs(swapped["restricted_loss"] - history["restricted_loss"][-1, 0]) > 1e-3
+    other_split = naive_progress_row({n: v[-1, 0] for n, v in run.snapshots.items()}, run.data[1], keys[0])
+    assert abs(other_split["excluded_loss"] - history["excluded_loss"][-1, 0]) > 1e-3
+
+
+def test_committed_history_final_row_matches_a_recomputation_from_the_committed_checkpoint():
+    """The notebook (ci profile) asserts on helpers/data/grokking/history.npz; its last row is recomputed here
+    from the committed final weights, naively and with progress_measures on a one-snapshot run."""
+    from helpers.studies.grokking.training import DATA_DIR, TrainingRun
+
+    model, metadata = load_checkpoint(DATA_DIR / "checkpoint.pt")
+    history = load_history(DATA_DIR / "history.npz")
+    assert int(history["epoch"][-1]) == metadata["epochs"] == model.config.n_epochs
+    keys = list(metadata["key_frequencies"])
+    data = make_dataset(model.config.p, model.config.frac_train, model.seeds[0])
+    params = {name: value[0].detach() for name, value in model.params.items()}
+    expected = naive_progress_row(params, data, keys)
+    snapshot = TrainingRun(model.config, model, [data], np.zeros((0, 1)), np.array([model.config.n_epochs]),
+                           {name: value[None].detach() for name, value in model.params.items()}, 0.0)
+    recomputed = fourier.progress_measures(snapshot, [keys], progress=False)
+    for name, value in expected.items():
+        # float32 logits vs the float64 reference: tiny losses (1e-7) keep ~1e-4 relative precision
+        assert recomputed[name][0, 0] == pytest.approx(value, rel=1e-3), name
+        assert history[name][-1] == pytest.approx(value, rel=1e-3), name
+    assert expected["test_accuracy"] == 1.0 and expected["excluded_loss"] > 1.0 > expected["restricted_loss"]
+
+
+def test_progress_measures_refuse_a_model_without_key_frequencies():
+    """No key frequency: an error, or NaN restricted/excluded losses on request — never a made-up frequency."""
+    run = train(SMALL.replace(n_epochs=10, checkpoint_every=5), seeds=(0, 1), progress=False)
+    with pytest.raises(ValueError, match=r"model\(s\) \[1\].*no key frequency"):
+        fourier.progress_measures(run, [[1], []], progress=False)
+    history = fourier.progress_measures(run, [[1], []], progress=False, without_key_frequencies="nan")
+    for name in ("restricted_loss", "excluded_loss"):
+        assert np.isfinite(history[name][:, 0]).all() and np.isnan(history[name][:, 1]).all(), name
+    for name in ("train_loss", "test_loss", "gini_W_E", "gini_W_L", "sum_squared_weights"):
+        assert np.isfinite(history[name]).all(), name
+    with pytest.warns(RuntimeWarning, match="no key frequency found for seed"):
+        result = fourier.measure_run(run, progress=False)
+    assert result.key_frequencies == [[], []]
+    assert np.isnan(result.history["restricted_loss"]).all() and np.isfinite(result.history["train_loss"]).all()
+    with pytest.raises(ValueError, match="without_key_frequencies"):
+        fourier.progress_measures(run, [[1], [2]], progress=False, without_key_frequencies="k=1")
+
+
+def test_cos_terms_variance_explained_on_hand_built_logits():
+    """logits(a, b, c) = 3 cos(w₃(a+b−c)) + 2 cos(w₅(a+b−c)) + sin(w₃(a+b−c)) + 7: the cos terms carry
+    variance 9/2 and 4/2 of a total 14/2 (the sin term and the constant are not cos terms)."""
+    p = 13
+    a, b, c = torch.meshgrid(torch.arange(p), torch.arange(p), torch.arange(p), indexing="ij")
+    phase = 2 * math.pi * (a + b - c).double() / p
+    logits = (3 * torch.cos(3 * phase) + 2 * torch.cos(5 * phase) + torch.sin(3 * phase) + 7).reshape(p * p, p)
+    explained = lambda freqs: fourier.cos_terms_variance_explained(logits.float(), p, freqs)  # noqa: E731
+    assert explained([3]) == pytest.approx(9 / 14, rel=1e-5)
+    assert explained([5]) == pytest.approx(4 / 14, rel=1e-5)
+    assert explained([3, 5]) == pytest.approx(13 / 14, rel=1e-5)
+    assert explained([4]) == pytest.approx(0.0, abs=1e-6)
+    # random logits: the fraction is the R² of a least-squares fit on the chosen cos directions
+    noisy = logits + torch.randn(p * p, p, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    design = torch.stack([torch.cos(k * phase).flatten() for k in (2, 3, 6)], 1)
+    centred = noisy.flatten() - noisy.mean()
+    fit = design @ torch.linalg.lstsq(design, centred[:, None]).solution[:, 0]
+    assert fourier.cos_terms_variance_explained(noisy, p, [2, 3, 6]) == pytest.approx(
+        float(fit.pow(2).sum() / centred.pow(2).sum()), rel=1e-6)
+
+
 def test_train_rejects_bad_arguments():
     with pytest.raises(ValueError, match="distinct seeds"):
         train(SMALL, seeds=(1, 1), n_epochs=1, progress=False)

@@ -171,7 +171,12 @@ def test_baseline_matches_metrics(tiny, data):
     assert base["logit_diff"] == pytest.approx(logit_diff(logits, data.answer_tokens, batch=data.batch).item(), abs=1e-5)
     last = logits[:, -1].softmax(-1)
     assert base["p_io"] == pytest.approx(last.gather(1, data.answer_tokens[:, :1]).mean().item(), abs=1e-6)
-    assert 0.0 <= base["frac_io_above_s"] <= 1.0
+    assert base["p_s"] == pytest.approx(last.gather(1, data.answer_tokens[:, 1:]).mean().item(), abs=1e-6)
+    # the fraction of prompts whose IO logit beats the S logit, counted one prompt at a time
+    above = [float(logits[i, -1, data.answer_tokens[i, 0]] > logits[i, -1, data.answer_tokens[i, 1]])
+             for i in range(len(data))]
+    assert base["frac_io_above_s"] == pytest.approx(sum(above) / len(above), abs=1e-6)  # float32 mean
+    assert 0 < sum(above) < len(above)  # a random model: some prompts each way, so a wrong count shows
 
 
 def test_attention_scores_match_the_cache(tiny, data):
@@ -193,16 +198,123 @@ def test_attention_scores_match_the_cache(tiny, data):
     assert float(scores["previous token"][layer, head]) == pytest.approx(total / count, abs=1e-5)
 
 
-def test_copy_scores_range_and_sign(tiny, data):
-    heads = [(0, 0), (2, 3)]
+def _naive_copy_logits(model, layer, head, names, negative=False):
+    """The copy score's logits ``[name, d_vocab]`` written out from the Hugging Face weights (not the bridge's
+    W_V/W_O): the name's residual after the embedding and block 0's MLP (block 0's attention off), the
+    head's input norm, value and output projections — query head ``h`` of a grouped-query model reads
+    value head ``h // (n_heads / n_kv_heads)`` — then the final norm and the unembedding."""
+    import math
+
+    cfg, hf = model.cfg, model.original_model
+    d_head, n_heads = cfg.d_head, cfg.n_heads
+    ids = torch.tensor([model.tokenizer(" " + n, add_special_tokens=False)["input_ids"][0] for n in names])
+    if hasattr(hf, "transformer"):  # GPT-2: LayerNorm, Conv1D weights [in, out], learned positions
+        t, eps = hf.transformer, hf.config.layer_norm_epsilon
+
+        def ln(x, module):
+            return torch.nn.functional.layer_norm(x, (cfg.d_model,), module.weight, module.bias, eps)
+
+        def gelu_new(x):
+            return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+        x = t.wte.weight[ids] + t.wpe.weight[1]  # BOS at position 0, the name at position 1
+        block0 = t.h[0]
+        x = x + gelu_new(ln(x, block0.ln_2) @ block0.mlp.c_fc.weight + block0.mlp.c_fc.bias) @ block0.mlp.c_proj.weight \
+            + block0.mlp.c_proj.bias
+        attn = t.h[layer].attn
+        value_cols = slice(2 * cfg.d_model + head * d_head, 2 * cfg.d_model + (head + 1) * d_head)
+        v = ln(x, t.h[layer].ln_1) @ attn.c_attn.weight[:, value_cols] + attn.c_attn.bias[value_cols]
+        out = v @ attn.c_proj.weight[head * d_head:(head + 1) * d_head]
+        final = ln(-out if negative else out, t.ln_f)
+        return final @ t.wte.weight.T, ids
+    m, eps = hf.model, hf.config.rms_norm_eps
+
+    def rms(x, module):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * module.weight
+
+    x = m.embed_tokens.weight[ids]  # rotary positions only touch attention, which is off in block 0
+    mlp = m.layers[0].mlp
+    h0 = rms(x, m.layers[0].post_attention_layernorm)
+    x = x + (torch.nn.functional.silu(h0 @ mlp.gate_proj.weight.T) * (h0 @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
+    attn = m.layers[layer].self_attn
+    kv = head // (n_heads // cfg.n_key_value_heads)
+    v = rms(x, m.layers[layer].input_layernorm) @ attn.v_proj.weight[kv * d_head:(kv + 1) * d_head].T
+    out = v @ attn.o_proj.weight[:, head * d_head:(head + 1) * d_head].T
+    final = rms(-out if negative else out, m.norm)
+    return final @ hf.lm_head.weight.T, ids
+
+
+def _naive_copy_score_bounds(model, layer, head, names, top_k, negative=False):
+    """(lowest, highest) score the naive logits allow: a name whose logit is within float noise of the
+    k-th largest could fall on either side of the top-k cut, and counts as in for the upper bound only."""
+    with torch.no_grad():
+        logits, ids = _naive_copy_logits(model, layer, head, names, negative)
+    own = logits.gather(1, ids[:, None])[:, 0]
+    cut = logits.topk(top_k, dim=-1).values[:, -1]
+    noise = 1e-4 * logits.abs().amax(-1).clamp(min=1e-6)
+    surely_in, maybe_in = own > cut + noise, own >= cut - noise
+    return surely_in.float().mean().item(), maybe_in.float().mean().item()
+
+
+@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-gpt2"])
+def test_copy_scores_match_a_naive_implementation(model_name, data):
+    """Every head, both signs, against the definition written out from the HF weights (random weights
+    scaled up so that the logits spread, and random norm weights and biases so that the norms and b_V
+    matter; a top_k in the tail, where the scores vary between heads)."""
+    model = load_model(model_name, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.original_model.named_parameters():
+            if param.ndim == 2 and ("attn" in name or "mlp" in name):
+                param.mul_(4.0)
+            elif param.ndim == 1:  # norm weights around 1, biases around 0
+                noise = torch.randn(param.shape, generator=generator)
+                param.copy_(0.2 * noise if name.endswith("bias") else 1.0 + 0.5 * noise)
     names = data.name_pool[:20]
-    positive = ioi.copy_scores(tiny, heads, names)
-    negative = ioi.copy_scores(tiny, heads, names, negative=True)
-    assert set(positive) == set(heads)
-    assert all(0.0 <= v <= 1.0 for v in positive.values())
-    assert all(0.0 <= v <= 1.0 for v in negative.values())
+    heads = [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
+    top_k = 5000
+    seen = set()
+    for negative in (False, True):
+        scores = ioi.copy_scores(model, heads, names, top_k=top_k, negative=negative)
+        assert list(scores) == heads
+        for layer, head in heads:
+            low, high = _naive_copy_score_bounds(model, layer, head, names, top_k, negative)
+            assert low <= scores[(layer, head)] <= high, (layer, head, negative, low, high)
+            assert high - low <= 0.05 + 1e-6  # at most one of the 20 names is ambiguous
+            seen.add(round(low, 3))
+    assert len(seen) >= 4, f"the scores should differ between heads so that the comparison can fail: {seen}"
+
+
+def test_copy_scores_read_each_query_heads_own_value_head_in_grouped_query_attention(data):
+    """A hand-built layer of tiny-llama (4 query heads, 2 key/value heads): value head 0 and value head 1
+    carry opposite OV circuits that copy (resp. anti-copy) 16 names exactly; query heads 0, 1 read value
+    head 0 and 2, 3 read value head 1. So heads 0, 1 copy every name (score 1, negative score 0) and heads
+    2, 3 write minus every name (score 0, negative score 1). Reading value head ``h`` or ``h % 2`` instead
+    of ``h // 2`` gives other scores."""
+    model = load_model("tiny-llama", seed=0)
+    cfg, hf = model.cfg, model.original_model
+    layer, d_head = 1, cfg.d_head
+    assert (cfg.n_heads, cfg.n_key_value_heads) == (4, 2)
+    names = data.name_pool[:d_head]
+    resid, ids = ioi.name_token_residuals(model, names)
+    with torch.no_grad():
+        normed = model.blocks[layer].ln1(resid[None])[0]                     # [name, d_model]
+        targets = hf.lm_head.weight[ids] / hf.model.norm.weight              # after the final norm: W_U[name]
+        gram = normed @ normed.T                                             # [name, name], invertible
+        values = normed.T                                                    # W_V: v = Gram row of the name
+        outputs = torch.linalg.solve(gram, targets)                          # W_O: Gram row -> target
+        attn = hf.model.layers[layer].self_attn
+        attn.v_proj.weight[:d_head] = values.T                               # value head 0
+        attn.v_proj.weight[d_head:2 * d_head] = -values.T                    # value head 1: the opposite
+        for head in range(cfg.n_heads):
+            attn.o_proj.weight[:, head * d_head:(head + 1) * d_head] = outputs.T
+    heads = [(layer, h) for h in range(cfg.n_heads)]
+    assert ioi.copy_scores(model, heads, names, top_k=1) == {(layer, 0): 1.0, (layer, 1): 1.0, (layer, 2): 0.0,
+                                                             (layer, 3): 0.0}
+    assert ioi.copy_scores(model, heads, names, top_k=1, negative=True) == {(layer, 0): 0.0, (layer, 1): 0.0,
+                                                                             (layer, 2): 1.0, (layer, 3): 1.0}
     # top_k = vocabulary size: every name is always in the top k
-    assert ioi.copy_scores(tiny, [(0, 0)], names[:3], top_k=tiny.cfg.d_vocab)[(0, 0)] == 1.0
+    assert ioi.copy_scores(model, heads[:1], names[:3], top_k=cfg.d_vocab)[heads[0]] == 1.0
 
 
 def test_copy_scores_on_the_gemma3_layout_go_through_the_post_attention_norm():
@@ -259,19 +371,125 @@ def test_mean_ablation_keeps_and_replaces_exactly(tiny, data):
         ioi.mean_ablation_hooks(tiny, data, make_ioi_dataset(tiny, 4, seed=0, templates="BABA").abc(), keep=circuit)
 
 
-def test_faithfulness_minimality_completeness_shapes(tiny, data):
+def _naive_circuit_logit_diff(model, data, reference, circuit=None, knock_out=()):
+    """F written out: every head's z at a position where it is not kept is replaced by its mean over the
+    reference prompts of the same template string at that position. ``circuit=None``: all heads kept
+    except ``knock_out`` (M \\ K); else only the circuit's heads at their word positions, minus
+    ``knock_out`` (C \\ K). Mean logit(IO) - logit(S) at the last position (the batch is left-padded)."""
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    batch, width = data.batch.tokens.shape
+    names = [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
+    with torch.no_grad():
+        _, ref_cache = model.run_with_cache(reference.batch.tokens, attention_mask=reference.batch.attention_mask,
+                                            names_filter=names)
+    removed = {tuple(h) for h in knock_out}
+    hooks = []
+    for layer, name in enumerate(names):
+        kept = torch.zeros(batch, width, n_heads, dtype=torch.bool)
+        if circuit is None:
+            kept[:] = True
+            for l_, h in removed:
+                if l_ == layer:
+                    kept[:, :, h] = False
+        else:
+            for (l_, h), keys in circuit.items():
+                if l_ == layer and (l_, h) not in removed:
+                    for key in keys:
+                        for row in range(batch):
+                            kept[row, int(data.word_positions[key][row]), h] = True
+        means = torch.stack([ref_cache[name][[j for j, t in enumerate(reference.templates) if t == template]].mean(0)
+                             for template in data.templates])  # [batch, pos, head, d_head]
+
+        def hook(z, hook, kept=kept, means=means):
+            return torch.where(kept[..., None], z, means)
+
+        hooks.append((name, hook))
+    with torch.no_grad():
+        logits = model.run_with_hooks(data.batch.tokens, attention_mask=data.batch.attention_mask, fwd_hooks=hooks)
+    last = logits[:, -1]
+    rows = torch.arange(batch)
+    return (last[rows, data.answer_tokens[:, 0]] - last[rows, data.answer_tokens[:, 1]]).mean().item()
+
+
+@pytest.fixture(scope="module")
+def sharp():
+    """tiny-llama with larger attention/MLP weights: ablation effects well above float noise."""
+    model = load_model("tiny-llama", seed=0)
+    with torch.no_grad():
+        for name, param in model.original_model.named_parameters():
+            if param.ndim == 2 and ("attn" in name or "mlp" in name):
+                param.mul_(4.0)
+    return model
+
+
+CLASSES = {"name mover": [(2, 1), (2, 0)], "s-inhibition": [(1, 0), (1, 2)], "induction": [(1, 3)]}
+
+
+def test_faithfulness_matches_a_naive_mean_ablation(sharp):
+    data = make_ioi_dataset(sharp, 24, seed=3, templates="mixed")
     abc = data.abc()
-    classes = {"name mover": [(2, 1), (2, 0)], "induction": [(1, 3)]}
-    circuit = ioi.circuit_from_classes(classes)
-    assert circuit == {(1, 3): ("S2",), (2, 0): ("END",), (2, 1): ("END",)}
-    report = ioi.faithfulness(tiny, data, abc, circuit)
-    assert report.full_model == pytest.approx(ioi.ioi_baseline(tiny, data)["logit_diff"], abs=1e-5)
+    circuit = ioi.circuit_from_classes(CLASSES)
+    assert circuit == {(1, 0): ("END",), (1, 2): ("END",), (1, 3): ("S2",), (2, 0): ("END",), (2, 1): ("END",)}
+    report = ioi.faithfulness(sharp, data, abc, circuit)
+    assert report.full_model == pytest.approx(ioi.ioi_baseline(sharp, data)["logit_diff"], abs=1e-6)
+    assert report.full_model == pytest.approx(_naive_circuit_logit_diff(sharp, data, abc), abs=1e-6)
+    assert report.circuit == pytest.approx(_naive_circuit_logit_diff(sharp, data, abc, circuit), abs=1e-6)
+    assert report.everything_ablated == pytest.approx(_naive_circuit_logit_diff(sharp, data, abc, {}), abs=1e-6)
     assert report.fraction_recovered == pytest.approx(report.circuit / report.full_model)
-    mini = ioi.minimality_scores(tiny, data, abc, circuit, classes, progress=False)
-    assert list(mini["head"]) == ["1.3", "2.0", "2.1"] and (mini["score"] >= 0).all()
-    comp = ioi.completeness_scores(tiny, data, abc, circuit, classes, n_random=2, progress=False)
-    assert comp.iloc[0]["K"] == "∅" and len(comp) == 1 + 2 + 2
-    assert comp.iloc[0]["F(C\\K)"] == pytest.approx(report.circuit, abs=1e-5)
+    assert abs(report.circuit - report.full_model) > 5e-4 and abs(report.circuit - report.everything_ablated) > 5e-4
+
+
+def test_minimality_scores_match_a_naive_recomputation(sharp):
+    """For each circuit head v: max over K in {∅, v's other class members} of |F(C \\ (K ∪ {v})) - F(C \\ K)|,
+    with F written out (:func:`_naive_circuit_logit_diff`)."""
+    data = make_ioi_dataset(sharp, 24, seed=3, templates="mixed")
+    abc = data.abc()
+    circuit = ioi.circuit_from_classes(CLASSES)
+    head_class = {head: cls for cls, heads in CLASSES.items() for head in heads}
+    f_model = _naive_circuit_logit_diff(sharp, data, abc)
+    mini = ioi.minimality_scores(sharp, data, abc, circuit, CLASSES, progress=False).set_index("head")
+    assert list(mini.index) == [f"{l}.{h}" for l, h in circuit]
+    chose_class = 0
+    for head in circuit:
+        others = [h for h in CLASSES[head_class[head]] if h != head]
+        by_k = {"∅": abs(_naive_circuit_logit_diff(sharp, data, abc, circuit, [head])
+                        - _naive_circuit_logit_diff(sharp, data, abc, circuit))}
+        if others:
+            by_k["same class"] = abs(_naive_circuit_logit_diff(sharp, data, abc, circuit, [head, *others])
+                                     - _naive_circuit_logit_diff(sharp, data, abc, circuit, others))
+        best = max(by_k, key=by_k.get)
+        row = mini.loc[f"{head[0]}.{head[1]}"]
+        assert row["class"] == head_class[head]
+        assert row["score"] == pytest.approx(by_k[best], abs=1e-6), (head, by_k)
+        assert row["K"] == best, (head, by_k)
+        assert row["fraction_of_F(M)"] == pytest.approx(by_k[best] / f_model, rel=1e-4)
+        assert row["score"] > 2e-5  # every head matters a little, so a wrong F shows
+        chose_class += best == "same class"
+    assert 0 < chose_class < len(circuit), "both choices of K should occur, so that a wrong choice shows"
+
+
+def test_completeness_scores_match_a_naive_recomputation(sharp):
+    """|F(C \\ K) - F(M \\ K)| for K = ∅, each class, and seeded random halves of the circuit (each head in
+    with probability 1/2, drawn from random.Random(seed) in circuit order)."""
+    import random
+
+    data = make_ioi_dataset(sharp, 24, seed=3, templates="mixed")
+    abc = data.abc()
+    circuit = ioi.circuit_from_classes(CLASSES)
+    comp = ioi.completeness_scores(sharp, data, abc, circuit, CLASSES, n_random=3, seed=5, progress=False)
+    rng = random.Random(5)
+    sets = [("∅", [])] + [(cls, heads) for cls, heads in CLASSES.items()]
+    sets += [(f"random half {i + 1}", [h for h in circuit if rng.random() < 0.5]) for i in range(3)]
+    assert list(comp["K"]) == [label for label, _ in sets]
+    for (label, knock), (_, row) in zip(sets, comp.iterrows()):
+        f_c = _naive_circuit_logit_diff(sharp, data, abc, circuit, knock)
+        f_m = _naive_circuit_logit_diff(sharp, data, abc, None, knock)
+        assert row["size"] == len(knock), label
+        assert row["F(C\\K)"] == pytest.approx(f_c, abs=1e-6), label
+        assert row["F(M\\K)"] == pytest.approx(f_m, abs=1e-6), label
+        assert row["incompleteness"] == pytest.approx(abs(f_c - f_m), abs=1e-6), label
+    assert comp["incompleteness"].max() > 1e-3
+    assert len({tuple(k) for _, k in sets[-3:]}) > 1  # the random halves differ
 
 
 def test_class_rules_follow_the_thresholds():

@@ -10,7 +10,6 @@ embedded-model tests are marked ``embedded``.
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -18,8 +17,6 @@ import torch
 from helpers import metrics, patching
 from helpers.patching.engine import _Patcher
 from helpers.prompts import TokenBatch, single_token_id, tokenize
-
-warnings.filterwarnings("ignore")
 
 # IOI-style prompts written inline (the study's generator lives elsewhere). Different lengths, so the
 # tiny-llama batch is left-padded; the "equal" set has one token length for transformer_lens' functions.
@@ -258,6 +255,38 @@ def test_layer_window_and_layer_outputs_match_naive_loop(llama, component):
         assert single.values[layer].item() == pytest.approx(s.naive(f"blocks.{layer}.{site}", (S,)), abs=1e-5)
 
 
+@pytest.mark.parametrize("window", [3, 4, 5])
+@pytest.mark.parametrize("component", ["attn", "mlp"])
+def test_layer_windows_of_three_or_more_layers_match_naive_loop(gpt2, component, window):
+    """Windows centred on each layer (Meng et al.): layers l - window//2 .. l - window//2 + window - 1, clipped
+    to the model; odd and even sizes and one wider than the model; all positions and one position."""
+    s = gpt2
+    n_layers, n_pos = s.model.cfg.n_layers, s.clean.tokens.shape[1]
+    site = f"hook_{component}_out"
+    with torch.no_grad():
+        _, clean_cache = s.model.run_with_cache(s.clean.tokens, attention_mask=s.clean.attention_mask)
+    expected_windows = []
+    for layer in range(n_layers):
+        lowest = layer - window // 2
+        expected_windows.append([i for i in range(lowest, lowest + window) if 0 <= i < n_layers])
+    for positions in (None, [n_pos - 1]):
+        result = patching.patch_layer_window(s.model, s.clean, s.corrupted, s.metric, component=component,
+                                             window=window, positions=positions, progress=False)
+        assert result.meta["windows"] == expected_windows
+        assert result.labels["layer"] == [f"{w[0]}-{w[-1]}" for w in expected_windows]
+        at = slice(None) if positions is None else positions
+        for layer, members in enumerate(expected_windows):
+            def patch(act, hook):
+                act = act.clone()
+                act[:, at] = clean_cache[hook.name][:, at]
+                return act
+
+            hooks = [(f"blocks.{i}.{site}", patch) for i in members]
+            expected = s.metric(s.run(s.corrupted, hooks)).item()
+            assert result.values[layer].item() == pytest.approx(expected, abs=1e-6), (positions, layer)
+        assert float((result.values - s.corrupted_value).abs().max()) > 1e-3  # the patches matter
+
+
 def test_patch_hook_single_run_matches_naive(llama):
     s = llama
     value = patching.patch_hook(s.model, s.clean, s.corrupted, s.metric, "blocks.1.mlp.hook_post", positions=[-1])
@@ -326,6 +355,133 @@ def test_shared_prefix_is_computed_once(llama):
     assert full.p0 == 0
 
 
+def _first_difference(s):
+    differs = (s.clean.tokens != s.corrupted.tokens) | (s.clean.attention_mask != s.corrupted.attention_mask)
+    return int(differs.any(0).nonzero()[0])
+
+
+def _assert_resid_pre_layer_matches_naive(s, result, layer=1):
+    for pos in range(s.clean.tokens.shape[1]):
+        expected = s.naive(f"blocks.{layer}.hook_resid_pre", (S, pos))
+        assert result.values[0, pos].item() == pytest.approx(expected, abs=1e-5), pos
+
+
+def test_shared_prefix_fast_path_says_whether_it_is_on(llama):
+    s = llama
+    on = patching.patch_residual(s.model, s.clean, s.corrupted, s.metric, layers=[1], progress=False)
+    assert on.meta["shared_prefix_positions"] == _first_difference(s) > 0
+    assert "shared_prefix_off" not in on.meta
+    with torch.no_grad():
+        clean_logits = s.run(s.clean)
+
+    def reads_every_position(logits):
+        return (logits - clean_logits).pow(2).mean()
+
+    off = patching.patch_residual(s.model, s.clean, s.corrupted, reads_every_position, layers=[1], progress=False)
+    assert off.meta["shared_prefix_positions"] == 0
+    assert "every position" in off.meta["shared_prefix_off"]
+
+
+def test_shared_prefix_fast_path_off_when_the_model_hands_back_no_cache(llama, monkeypatch):
+    """A model without a Hugging Face KV cache: a SharedPrefixWarning and the reason in meta; the results
+    stay those of the naive loop."""
+    s = llama
+    forward = s.model.forward
+
+    def without_cache(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        return (out[0], None) if kwargs.get("return_type") == "logits_and_cache" else out
+
+    monkeypatch.setattr(s.model, "forward", without_cache)
+    with pytest.warns(patching.SharedPrefixWarning, match="no Hugging Face cache"):
+        result = patching.patch_residual(s.model, s.clean, s.corrupted, s.metric, layers=[1], progress=False)
+    assert result.meta["shared_prefix_positions"] == 0 and "NoneType" in result.meta["shared_prefix_off"]
+    _assert_resid_pre_layer_matches_naive(s, result)
+
+
+def test_shared_prefix_fast_path_off_when_the_suffix_run_does_not_reproduce_the_full_run(llama, monkeypatch):
+    """A cache whose prefix keys/values are wrong (as for a model whose attention ignores the cache): the
+    setup check catches it, warns, and the sweep runs over every position."""
+    from transformers import DynamicCache
+
+    s = llama
+
+    def zeroed_prefix(self, n_copies):
+        cache = DynamicCache()
+        for layer, (keys, values) in enumerate(self.prefix_kv):
+            cache.update(torch.zeros_like(keys).repeat(n_copies, 1, 1, 1),
+                         torch.zeros_like(values).repeat(n_copies, 1, 1, 1), layer)
+        return cache
+
+    monkeypatch.setattr(_Patcher, "_prefix_cache", zeroed_prefix)
+    with pytest.warns(patching.SharedPrefixWarning, match="does not reproduce the full run"):
+        result = patching.patch_residual(s.model, s.clean, s.corrupted, s.metric, layers=[1], progress=False)
+    assert result.meta["shared_prefix_positions"] == 0
+    _assert_resid_pre_layer_matches_naive(s, result)
+
+
+def test_unexpected_error_while_setting_up_the_fast_path_propagates(llama, monkeypatch):
+    """Only the known "no usable cache" cases switch the fast path off; any other error is a bug and is raised."""
+    s = llama
+    forward = s.model.forward
+
+    def broken(*args, **kwargs):
+        if kwargs.get("return_type") == "logits_and_cache":
+            raise RuntimeError("a bug in the cache path")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(s.model, "forward", broken)
+    with pytest.raises(RuntimeError, match="a bug in the cache path"):
+        patching.patch_residual(s.model, s.clean, s.corrupted, s.metric, layers=[1], progress=False)
+
+
+def test_shared_prefix_fast_path_off_when_a_layer_keeps_only_a_sliding_window(tiny_gemma3_setup, monkeypatch):
+    """Gemma-3's own cache keeps only the last window - 1 keys in its sliding-window layers: handed such a
+    cache (instead of the plain DynamicCache the engine passes in), the fast path is off with a warning
+    that says so, and the results stay those of the naive loop."""
+    s = tiny_gemma3_setup
+    forward = s.model.forward
+
+    def own_cache(*args, **kwargs):
+        if kwargs.get("return_type") == "logits_and_cache":
+            kwargs.pop("past_key_values", None)
+            kwargs.pop("use_cache", None)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(s.model, "forward", own_cache)
+    with pytest.warns(patching.SharedPrefixWarning, match="does not hold the keys of all"):
+        result = patching.patch_residual(s.model, s.clean, s.corrupted, s.metric, layers=[1], progress=False)
+    assert result.meta["shared_prefix_positions"] == 0 and "sliding-window" in result.meta["shared_prefix_off"]
+    _assert_resid_pre_layer_matches_naive(s, result)
+
+
+def test_shared_prefix_fast_path_off_when_the_suffix_run_raises_a_runtime_error(llama, monkeypatch):
+    """An attention that cannot continue from the cache fails with a RuntimeError (a tensor-shape mismatch):
+    the fast path is off, the error's type and message are in meta and the warning; results stay exact."""
+    s = llama
+
+    def mismatched(self, n_copies):
+        raise RuntimeError("The size of tensor a (20) must match the size of tensor b (10)")
+
+    monkeypatch.setattr(_Patcher, "_prefix_cache", mismatched)
+    with pytest.warns(patching.SharedPrefixWarning, match="RuntimeError: The size of tensor a"):
+        result = patching.patch_residual(s.model, s.clean, s.corrupted, s.metric, layers=[1], progress=False)
+    assert result.meta["shared_prefix_positions"] == 0
+    assert "RuntimeError: The size of tensor a (20)" in result.meta["shared_prefix_off"]
+    _assert_resid_pre_layer_matches_naive(s, result)
+
+
+def test_other_errors_in_the_suffix_check_propagate(llama, monkeypatch):
+    s = llama
+
+    def broken(self, n_copies):
+        raise TypeError("a bug in the suffix path")
+
+    monkeypatch.setattr(_Patcher, "_prefix_cache", broken)
+    with pytest.raises(TypeError, match="a bug in the suffix path"):
+        patching.patch_residual(s.model, s.clean, s.corrupted, s.metric, layers=[1], progress=False)
+
+
 def test_batched_and_unbatched_runs_agree(llama):
     s = llama
     small = patching.patch_heads(s.model, s.clean, s.corrupted, s.metric, max_batch_tokens=1, progress=False)
@@ -376,13 +532,16 @@ def test_agrees_with_transformer_lens_patching(setup_name, request):
 # --------------------------------------------------------------------------------------------------
 
 
-def _naive_path_patch(s, senders, receivers, receiver_input, direction="noise"):
-    """Direct implementation for standard attention: freeze all heads but the senders, record the receivers'
-    q/k/v input, then patch exactly that input of the receivers (per head: needs n_kv_heads == n_heads for
-    k/v; q is always per query head)."""
+def _naive_path_patch(s, senders, receivers, receiver_input, direction="noise", *, freeze_mlps=False,
+                      receiver_positions=None):
+    """Direct implementation for standard attention: freeze all heads but the senders (and, with
+    ``freeze_mlps``, every MLP output) to the target run, record the receivers' q/k/v input, then patch
+    exactly that input of the receivers, at ``receiver_positions`` only if given (per head: needs
+    n_kv_heads == n_heads for k/v; q is always per query head)."""
     model = s.model
     target, source = (s.clean, s.corrupted) if direction == "noise" else (s.corrupted, s.clean)
     n_layers = model.cfg.n_layers
+    at = slice(None) if receiver_positions is None else list(receiver_positions)
     with torch.no_grad():
         _, tcache = model.run_with_cache(target.tokens, attention_mask=target.attention_mask)
         _, scache = model.run_with_cache(source.tokens, attention_mask=source.attention_mask)
@@ -398,6 +557,9 @@ def _naive_path_patch(s, senders, receivers, receiver_input, direction="noise"):
             return out
 
         hooks.append((name, freeze))
+        if freeze_mlps:
+            mlp = f"blocks.{layer}.hook_mlp_out"
+            hooks.append((mlp, lambda act, hook, mlp=mlp: tcache[mlp].clone()))
     recorded = {}
     for layer in {l_ for l_, _ in receivers}:
         name = f"blocks.{layer}.attn.hook_{receiver_input}"
@@ -411,7 +573,7 @@ def _naive_path_patch(s, senders, receivers, receiver_input, direction="noise"):
             act = act.clone()
             for l_, h in receivers:
                 if l_ == layer:
-                    act[:, :, h] = recorded[name][:, :, h]
+                    act[:, at, h] = recorded[name][:, at, h]
             return act
 
         patch_hooks.append((name, patch))
@@ -428,6 +590,45 @@ def test_path_patch_matches_direct_implementation_on_mha(gpt2, receiver_input):
         assert ours == pytest.approx(expected, abs=1e-5), (senders, receivers)
         effects.append(abs(expected - s.clean_value))
     assert max(effects) > 2e-4  # the paths matter, so the comparison can fail
+
+
+@pytest.mark.parametrize("setup_name, receiver_input, senders, receivers", [
+    ("gpt2", "q", [(0, 1)], [(2, 0), (2, 3)]), ("gpt2", "k", [(0, 1)], [(2, 0), (2, 3)]),
+    ("gpt2", "v", [(0, 0), (1, 2)], [(2, 1)]),
+    *[(name, "q", [(0, 2)], [(2, 1), (1, 3)]) for name in RMS_SETUPS],
+])
+def test_path_patch_options_match_direct_implementation(setup_name, receiver_input, senders, receivers, request):
+    """direction="denoise", freeze_mlps and receiver_positions (the IOI notebook's S-inhibition search patches
+    the receivers' queries at END only) against the direct implementation; each option changes the result
+    here by far more than the tolerance, so a path patch that ignored it would fail."""
+    s = request.getfixturevalue(setup_name)
+    n_pos = s.clean.tokens.shape[1]
+    plain = patching.path_patch(s.model, s.clean, s.corrupted, s.metric, senders, receivers, receiver_input)
+    options = [
+        dict(direction="denoise"),
+        dict(freeze_mlps=True),
+        dict(receiver_positions=[n_pos - 3, -1]),
+        dict(direction="denoise", freeze_mlps=True, receiver_positions=[n_pos - 3, -1]),
+    ]
+    changed = {}
+    for option in options:
+        ours = patching.path_patch(s.model, s.clean, s.corrupted, s.metric, senders, receivers, receiver_input,
+                                   **option)
+        naive_option = dict(option)
+        if "receiver_positions" in naive_option:
+            naive_option["receiver_positions"] = [p % n_pos for p in naive_option["receiver_positions"]]
+        expected = _naive_path_patch(s, senders, receivers, receiver_input, **naive_option)
+        assert ours == pytest.approx(expected, abs=2e-6), option
+        changed[tuple(option)] = abs(expected - plain)
+    assert changed[("direction",)] > 1e-3 and changed[("freeze_mlps",)] > 1e-4, changed
+    if (setup_name, receiver_input) != ("gpt2", "q"):  # layer-2 queries before END cannot reach the metric
+        assert changed[("receiver_positions",)] > 2e-5, changed
+
+
+def test_path_patch_receiver_positions_for_shared_keys_values_fail_clearly(llama):
+    s = llama
+    with pytest.raises(NotImplementedError, match="receiver_positions"):
+        patching.path_patch(s.model, s.clean, s.corrupted, s.metric, [(0, 0)], [(2, 0)], "k", receiver_positions=[-1])
 
 
 def test_path_patch_queries_on_gqa_model_matches_direct_implementation(llama):

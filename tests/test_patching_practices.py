@@ -199,6 +199,32 @@ def test_common_scale_metrics_read_0_on_corrupted_and_1_on_clean(tiny_model):
         for name in pp.METRIC_NAMES:
             assert float(metrics[name](clean_logits)) == pytest.approx(1.0, abs=1e-4), name
             assert float(metrics[name](corrupted_logits)) == pytest.approx(0.0, abs=1e-4), name
+        # in between, each metric is its formula written out on the last position (the batch is left-padded)
+        between = 0.3 * clean_logits + 0.7 * corrupted_logits
+        rows = torch.arange(len(task.answer_tokens))
+        io, s = task.answer_tokens[:, 0], task.answer_tokens[:, 1]
+
+        # (in float32 like the metrics: the random model's clean/corrupted gaps in probability and KL are
+        # tiny — a KL of ~4e-5 nats on tiny-gpt2 — and the normalisation divides by them, so float64 here
+        # would differ from any float32 implementation by up to 1e-2)
+        def ld(logits):
+            return (logits[rows, -1, io] - logits[rows, -1, s]).mean().item()
+
+        def prob(logits):
+            return logits[:, -1].softmax(-1)[rows, io].mean().item()
+
+        def kl_from_clean(logits):
+            p, q = clean_logits[:, -1].log_softmax(-1), logits[:, -1].log_softmax(-1)
+            return (p.exp() * (p - q)).sum(-1).mean().item()
+
+        by_hand = {
+            "logit_diff": (ld(between) - ld(corrupted_logits)) / (ld(clean_logits) - ld(corrupted_logits)),
+            "prob": (prob(between) - prob(corrupted_logits)) / (prob(clean_logits) - prob(corrupted_logits)),
+            "kl": 1 - kl_from_clean(between) / kl_from_clean(corrupted_logits),
+        }
+        for name, value in by_hand.items():
+            assert float(metrics[name](between)) == pytest.approx(value, abs=1e-4), (corruption.name, name)
+            assert 0.05 < value < 0.95, (corruption.name, name)  # strictly between the baselines: informative
         logits = clean_logits.clone().requires_grad_(True)
         metrics["kl"](logits).backward()
         assert logits.grad is not None and float(logits.grad.abs().sum()) > 0
@@ -334,13 +360,55 @@ def test_most_negative_component_and_layer_restriction():
         pp.most_negative_component(ld, sub)
 
 
-def test_attention_to_key_is_a_probability(tiny_llama):
-    task = pp.make_ioi_task(tiny_llama, 4, seed=0)
+def _patterns_by_hand(model, tokens, hooks=()):
+    """Attention patterns of a GPT-2-layout model ``{layer: [batch, head, query, key]}`` from its queries and
+    keys: softmax over the allowed keys (causal, not padding) of q·k / sqrt(d_head)."""
+    names = [f"blocks.{l}.attn.hook_{x}" for l in range(model.cfg.n_layers) for x in ("q", "k")]
+    with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
+        _, cache = model.run_with_cache(tokens.tokens, attention_mask=tokens.attention_mask, names_filter=names)
+    n = tokens.tokens.shape[1]
+    allowed = torch.ones(n, n).tril().bool()[None, None] & tokens.attention_mask.bool()[:, None, None, :]
+    out = {}
+    for layer in range(model.cfg.n_layers):
+        q, k = cache[f"blocks.{layer}.attn.hook_q"], cache[f"blocks.{layer}.attn.hook_k"]
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / model.cfg.d_head ** 0.5
+        out[layer] = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return out
+
+
+def test_attention_to_key_matches_patterns_computed_from_queries_and_keys(tiny_gpt2):
+    """Replaces '0 <= attention <= 1': the mean END -> IO (and END -> S1) attention of each head, with
+    per-prompt positions, against patterns computed by hand from q and k — on the padded batch, on each
+    prompt alone without padding, and on the GN-corrupted input with its hooks active."""
+    model = tiny_gpt2
+    task = pp.make_ioi_task(model, 6, seed=0)
     data = task.details["dataset"]
-    gn = pp.gaussian_noising(tiny_llama, task)
-    heads = [(2, 0), (2, 3)]
-    kwargs = dict(query_positions=data.word_positions["END"], key_positions=data.word_positions["IO"])
-    clean = pp.attention_to_key(tiny_llama, task.clean, heads, **kwargs)
-    noisy = pp.attention_to_key(tiny_llama, gn.tokens, heads, hooks=gn.hooks, **kwargs)
-    assert clean.shape == (2,) and bool(((clean >= 0) & (clean <= 1)).all())
-    assert not torch.allclose(clean, noisy)
+    gn = pp.gaussian_noising(model, task)
+    heads = [(2, 0), (1, 3), (2, 3), (0, 1)]
+    end = data.word_positions["END"]
+    rows = torch.arange(len(data))
+    assert not bool(task.clean.attention_mask.all()), "the batch should be left-padded"
+    clean_patterns = _patterns_by_hand(model, task.clean)
+    noisy_patterns = _patterns_by_hand(model, gn.tokens, gn.hooks)
+    for key_name in ("IO", "S1"):
+        key = data.word_positions[key_name]
+        assert len(set(key.tolist())) > 1  # the templates put the key at different positions
+        clean = pp.attention_to_key(model, task.clean, heads, query_positions=end, key_positions=key)
+        noisy = pp.attention_to_key(model, gn.tokens, heads, query_positions=end, key_positions=key, hooks=gn.hooks)
+        for i, (layer, head) in enumerate(heads):
+            expected = clean_patterns[layer][rows, head, end, key].mean().item()
+            assert clean[i].item() == pytest.approx(expected, rel=1e-4, abs=1e-6), (key_name, layer, head)
+            expected = noisy_patterns[layer][rows, head, end, key].mean().item()
+            assert noisy[i].item() == pytest.approx(expected, rel=1e-4, abs=1e-6), (key_name, layer, head)
+            # each prompt alone, without padding: the same attention at the shifted positions
+            alone = []
+            for b in range(len(data)):
+                start = int((task.clean.attention_mask[b] == 0).sum())
+                one = task.clean[b:b + 1, start:]
+                pattern = _patterns_by_hand(model, one)[layer]
+                alone.append(pattern[0, head, int(end[b]) - start, int(key[b]) - start].item())
+            assert clean[i].item() == pytest.approx(sum(alone) / len(alone), rel=1e-3, abs=1e-5), (key_name, layer, head)
+        assert float((clean - noisy).abs().max()) > 2e-4  # GN changes the attention (>> the tolerance): hooks used
+        assert len({round(v, 4) for v in clean.tolist()}) == len(heads)  # heads differ: a mix-up would show
+    with pytest.raises(ValueError, match="heads is empty"):
+        pp.attention_to_key(model, task.clean, [], query_positions=end, key_positions=end)

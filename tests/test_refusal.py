@@ -234,27 +234,111 @@ def test_candidate_directions_are_differences_of_means(tiny):
         cands.direction(-99, 0)
 
 
-def test_select_direction_filters_and_picks_lowest_ablation_score(tiny):
+def _naive_candidate_scores(tiny, cands, layers):
+    """Every candidate's (ablation refusal score, steering score, KL) with hand-written hooks: r projected
+    out of every resid_pre / attn_out / mlp_out (harmful prompts' refusal score; harmless prompts' KL to the
+    clean run), and r added to resid_pre of its own layer (harmless prompts' refusal score)."""
+    ids = R.refusal_token_ids(tiny)
+
+    def last(prompts, hooks=()):
+        batch = R.chat_batch(tiny, prompts)
+        with torch.no_grad():
+            return tiny.run_with_hooks(batch.tokens, attention_mask=batch.attention_mask, fwd_hooks=list(hooks))[:, -1]
+
+    def kl(p_logits, q_logits):  # KL(p ‖ q), written out
+        p, q = p_logits.double().softmax(-1), q_logits.double().softmax(-1)
+        return (p * (p.log() - q.log())).sum(-1).mean().item()
+
+    clean_harmless = last(HARMLESS)
+    everywhere = [f"blocks.{l}.hook_{site}" for l in range(tiny.cfg.n_layers) for site in ("resid_pre", "attn_out", "mlp_out")]
+    scores = {}
+    for position in cands.positions:
+        for layer in layers:
+            r = cands.direction(position, layer)
+            unit = r / r.norm()
+            project = lambda x, hook, u=unit: x - torch.einsum("...d,d->...", x, u)[..., None] * u  # noqa: E731
+            add = lambda x, hook, v=r: x + v  # noqa: E731
+            ablation = R.refusal_scores(last(HARMFUL, [(n, project) for n in everywhere]), ids).mean().item()
+            steering = R.refusal_scores(last(HARMLESS, [(f"blocks.{layer}.hook_resid_pre", add)]), ids).mean().item()
+            scores[(position, layer)] = (ablation, steering, kl(clean_harmless, last(HARMLESS, [(n, project) for n in everywhere])))
+    baselines = (R.refusal_scores(last(HARMFUL), ids).mean().item(), R.refusal_scores(clean_harmless, ids).mean().item())
+    return scores, baselines
+
+
+def test_select_direction_against_a_hand_computed_table(tiny):
+    """The whole table, every filter and the pick, against scores computed by hand for every position and
+    layer: layer 0's candidates are zero (the same template embedding for every prompt), the pruned last
+    layers are not evaluated, the KL and steering thresholds sit between the candidates' values, and the
+    pick is the lowest ablation score of what is left; with no candidate left, the lowest-KL fallback is
+    the steering candidate with the lowest KL."""
     cands = R.candidate_directions(tiny, HARMFUL, HARMLESS)
-    sel = R.select_direction(tiny, cands, HARMFUL, HARMLESS, positions=[-1, -2], kl_threshold=math.inf,
-                             steering_threshold=-math.inf)
-    table = sel.table
-    assert len(table) == 2 * tiny.cfg.n_layers
-    pruned = table[table["layer"] >= int(tiny.cfg.n_layers * 0.8)]
-    assert (pruned["discarded"] != "").all() and pruned["ablation_refusal_score"].isna().all()
-    kept = table[table["discarded"] == ""]
-    best = kept.loc[kept["ablation_refusal_score"].idxmin()]
-    assert (sel.position, sel.layer) == (best["position"], best["layer"])
-    assert torch.equal(sel.direction, cands.direction(sel.position, sel.layer))
-    # the scores are what the definitions say, for the chosen candidate
-    from helpers.ablation import direction_ablation_hooks
-    logits = R.last_logits(tiny, HARMFUL, fwd_hooks=direction_ablation_hooks(tiny, sel.direction))
-    assert math.isclose(R.refusal_scores(logits, R.refusal_token_ids(tiny)).mean().item(),
-                        best["ablation_refusal_score"], rel_tol=1e-4, abs_tol=1e-5)
-    assert sel.grid("kl").shape == (2, tiny.cfg.n_layers)
-    # impossible thresholds: a clear error rather than a silent pick
+    n_layers = tiny.cfg.n_layers
+    assert n_layers == 3
+    for position in cands.positions:
+        assert float(cands.direction(position, 0).norm()) == 0.0
+    naive, (harmful_base, harmless_base) = _naive_candidate_scores(tiny, cands, layers=[1, 2])
+    kls = sorted(v[2] for v in naive.values())
+    steers = sorted(v[1] for v in naive.values())
+
+    def expected_pick(kl_cut, steer_cut, layers):
+        passing = {k: v for k, v in naive.items() if k[1] in layers and v[2] <= kl_cut and v[1] >= steer_cut}
+        return min(passing, key=lambda k: passing[k][0]) if passing else None
+
+    # thresholds between the candidates' values where each filter drops some candidate and the pruning changes
+    # the pick (the best one left sits in the last layer), so that every rule shows in the result
+    midpoints = lambda values: [(a + b) / 2 for a, b in zip(values, values[1:])]  # noqa: E731
+    chosen = [(k, st) for k in midpoints(kls) for st in midpoints(steers)
+              if expected_pick(k, st, {1, 2}) not in (None, expected_pick(k, st, {1})) and expected_pick(k, st, {1})]
+    assert chosen, "no thresholds make the pruning change the pick on this model"
+    kl_cut, steer_cut = chosen[len(chosen) // 2]
+    picks = {}
+    for prune, evaluated in ((0.0, {1, 2}), (0.2, {1})):  # layers below int(3 · (1 - prune)): 3, then 2
+        max_layer = int(n_layers * (1 - prune))
+        assert evaluated == {1, 2} & set(range(max_layer))
+        sel = R.select_direction(tiny, cands, HARMFUL, HARMLESS, kl_threshold=kl_cut, steering_threshold=steer_cut,
+                                 prune_layer_fraction=prune)
+        table = sel.table.set_index(["position", "layer"])
+        assert len(table) == len(cands.positions) * n_layers
+        for (position, layer), row in table.iterrows():
+            if layer == 0:
+                assert row["discarded"] == "zero direction"
+                continue
+            if layer not in evaluated:
+                assert row["discarded"] == f"layer in last {prune:.0%}" and math.isnan(row["kl"])
+                assert math.isnan(row["ablation_refusal_score"]) and math.isnan(row["steering_score"])
+                continue
+            ablation, steering, divergence = naive[(position, layer)]
+            # candidates' scores differ by ~1e-3 on this random model: compare far more tightly than that
+            assert row["ablation_refusal_score"] == pytest.approx(ablation, rel=0, abs=2e-5), (position, layer)
+            assert row["steering_score"] == pytest.approx(steering, rel=0, abs=2e-5), (position, layer)
+            assert row["kl"] == pytest.approx(divergence, rel=1e-3, abs=1e-8), (position, layer)
+            assert ("KL >" in row["discarded"]) == (divergence > kl_cut), (position, layer)
+            assert ("steering <" in row["discarded"]) == (steering < steer_cut), (position, layer)
+        expected = expected_pick(kl_cut, steer_cut, evaluated)
+        assert (sel.position, sel.layer) == expected and sel.fallback is None
+        assert torch.equal(sel.direction, cands.direction(*expected))
+        assert sel.baseline_harmful_score == pytest.approx(harmful_base, abs=1e-5)
+        assert sel.baseline_harmless_score == pytest.approx(harmless_base, abs=1e-5)
+        picks[prune] = expected
+    assert picks[0.0][1] == 2 and picks[0.2][1] == 1
+    evaluated = list(naive.values())
+    assert any(v[2] > kl_cut for v in evaluated) and any(v[1] < steer_cut for v in evaluated)
+    assert min(abs(a[0] - b[0]) for a in evaluated for b in evaluated if a is not b) > 4e-5  # > twice the tolerance
+    # nothing passes the KL filter: an error by default, the lowest-KL steering candidate on request
+    below = kls[0] / 2
     with pytest.raises(RuntimeError, match="filtered out"):
-        R.select_direction(tiny, cands, HARMFUL, HARMLESS, positions=[-1], kl_threshold=-1.0)
+        R.select_direction(tiny, cands, HARMFUL, HARMLESS, kl_threshold=below, steering_threshold=steer_cut,
+                           prune_layer_fraction=0.0)
+    sel = R.select_direction(tiny, cands, HARMFUL, HARMLESS, kl_threshold=below, steering_threshold=steer_cut,
+                             prune_layer_fraction=0.0, if_none_pass="lowest_kl")
+    steering_ok = {k: v for k, v in naive.items() if v[1] >= steer_cut}
+    assert (sel.position, sel.layer) == min(steering_ok, key=lambda k: steering_ok[k][2])
+    assert sel.fallback is not None and "lowest KL" in sel.fallback
+    assert sel.grid("kl").shape == (len(cands.positions), n_layers)
+    # pruning every evaluable layer (int(3 · 0.5) = 1: only layer 0, whose directions are zero): nothing to pick
+    with pytest.raises(RuntimeError, match="filtered out"):
+        R.select_direction(tiny, cands, HARMFUL, HARMLESS, kl_threshold=math.inf, steering_threshold=-math.inf,
+                           prune_layer_fraction=0.5)
 
 
 def test_select_direction_filters_match_a_naive_recomputation(tiny):

@@ -35,7 +35,10 @@ Here
    **once**: they are identical in both runs and no patch can change them (causal attention), so
    patched runs process only the suffix, reading the prefix's keys/values from the target run's
    KV cache. (This helps most when the corruption is late in the prompt; it is checked against the
-   full run at setup and switched off for models whose attention ignores the cache.)
+   full run at setup and switched off for models whose attention ignores or cannot continue from
+   the cache or that hand back no usable KV cache (none, or one without every position's keys) — with a :class:`SharedPrefixWarning`, a log line, and the reason in
+   ``result.meta["shared_prefix_off"]``; ``result.meta["shared_prefix_positions"]`` is how many
+   positions were skipped.)
 
 Memory: each batched forward holds at most ``max_batch_tokens`` tokens (default 2048); lower it on
 small machines, raise it on a GPU.
@@ -63,6 +66,7 @@ Every public name is importable from ``helpers.patching`` itself.
 from __future__ import annotations
 
 from helpers.labelled_tensor import LabelledTensor
+from helpers.patching.engine import SharedPrefixWarning
 from helpers.patching.inputs import Direction, LogitPositions, as_token_batch  # noqa: F401  (option types)
 from helpers.patching.path_patching import Head, path_patch, path_patch_senders  # noqa: F401  (Head: a type)
 from helpers.patching.sweeps import (
@@ -87,4 +91,5 @@ __all__ = [
     "path_patch",
     "path_patch_senders",
     "as_token_batch",
+    "SharedPrefixWarning",
 ]

@@ -8,7 +8,9 @@ layer to start from; the edit builders at the end make the usual edits."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -20,6 +22,13 @@ from helpers.patching.inputs import Direction, LogitPositions, _check_direction,
 
 Edit = Callable[[torch.Tensor], None]
 """In-place edit of one copy's rows ``[batch, ...]`` of an activation."""
+
+logger = logging.getLogger(__name__)
+
+
+class SharedPrefixWarning(RuntimeWarning):
+    """The shared-prefix fast path (see :meth:`_Patcher._setup_suffix`) is off for a model that does not
+    support it: results stay exact (every patched run covers the whole sequence), only slower."""
 
 
 @dataclass
@@ -105,8 +114,18 @@ class _Patcher:
         self.target_cache = {name: self.target_cache[name] for name in target_hooks}
         self.p0 = 0
         self.prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if allow_suffix and self.keep_positions is not None:
+        self.shared_prefix_off: str | None = None
+        """Why patched runs compute the whole sequence (``None`` when they skip the shared prefix)."""
+        if not allow_suffix:
+            self._prefix_off("the caller asked for full-sequence runs (allow_suffix=False)", unsupported=False)
+        elif self.keep_positions is None:
+            self._prefix_off("no metric" if metric is None else "the metric reads logits at every position",
+                             unsupported=False)
+        else:
             self._setup_suffix(target_logits)
+        self.meta["shared_prefix_positions"] = self.p0
+        if self.shared_prefix_off is not None:
+            self.meta["shared_prefix_off"] = self.shared_prefix_off
 
     # -- the shared prefix -------------------------------------------------------------------------
 
@@ -119,43 +138,92 @@ class _Patcher:
         keys/values from the target run (a Hugging Face KV cache). Patching a position before ``p0``
         swaps identical values, so its result is the target run's metric.
 
-        Checked once against the full run; if the suffix run does not reproduce it (an architecture
-        whose attention ignores the KV cache), the full sequence is used.
+        The prefix's keys/values come from a plain ``DynamicCache`` handed to the target run (the cache a
+        model builds for itself may drop positions: Gemma-3's sliding-window layers keep only the last
+        window - 1 keys). Checked once against the full run; if the model hands back no usable cache
+        (none, one without per-layer keys/values, the wrong number of layers, or a layer whose keys do
+        not hold every position), or the suffix run does not reproduce the full run (an architecture
+        whose attention ignores the KV cache) or fails with a ``RuntimeError`` (one whose attention
+        cannot continue from it, e.g. a tensor-shape mismatch), the full sequence is used and
+        :attr:`shared_prefix_off` (also ``meta["shared_prefix_off"]``) says why, with a
+        :class:`SharedPrefixWarning` and a log line. Any other error (and an out-of-memory error)
+        propagates.
         """
         differs = (self.clean.tokens != self.corrupted.tokens) | (self.clean.attention_mask != self.corrupted.attention_mask)
         columns = differs.any(0).nonzero()
         first = int(columns[0]) if len(columns) else self.n_pos
         p0 = min(first, min(self.keep_positions))
         if p0 <= 0:
+            self._prefix_off("the clean and corrupted prompts differ from the first position on", unsupported=False)
             return
         try:
             from transformers import DynamicCache
-
-            # A plain DynamicCache keeps every position of every layer. The cache a model builds for
-            # itself may not: Gemma-3's sliding-window layers keep only their last window - 1 keys.
-            past = DynamicCache()
-            with torch.no_grad():
-                self.model(self.target.tokens, attention_mask=self.target.attention_mask, past_key_values=past,
-                           use_cache=True, return_type="logits_and_cache")
-            prefix = [(layer.keys[:, :, :p0].clone(), layer.values[:, :, :p0].clone()) for layer in past.layers]
-        except Exception:  # no HF cache for this model: use the full sequence
+        except ImportError as err:  # an old transformers: no cache object to hand the prefix in
+            self._prefix_off(f"transformers has no DynamicCache ({err})")
             return
-        if len(prefix) != self.n_layers or any(keys.shape[2] != p0 for keys, _ in prefix):
+        # A plain DynamicCache keeps every position of every layer. The cache a model builds for
+        # itself may not: Gemma-3's sliding-window layers keep only their last window - 1 keys.
+        cache = DynamicCache()
+        with torch.no_grad():
+            _, past = self.model(self.target.tokens, attention_mask=self.target.attention_mask,
+                                 past_key_values=cache, use_cache=True, return_type="logits_and_cache")
+        layers = getattr(past, "layers", None)
+        if layers is None or not all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in layers):
+            self._prefix_off(f"the model returned no Hugging Face cache with per-layer keys/values "
+                             f"(got {type(past).__name__})")
             return
+        if len(layers) != self.n_layers:
+            self._prefix_off(f"the model's cache has {len(layers)} layers, the model {self.n_layers}")
+            return
+        # Every layer must hold the keys of every position: a sliding-window cache (Gemma-3's own keeps
+        # only the last window - 1) would hand the suffix the wrong prefix or none.
+        short = [(i, None if layer.keys is None else tuple(layer.keys.shape)) for i, layer in enumerate(layers)
+                 if layer.keys is None or layer.keys.ndim != 4 or layer.keys.shape[2] != self.n_pos]
+        if short:
+            i, shape = short[0]
+            self._prefix_off(f"the model's cache does not hold the keys of all {self.n_pos} positions in "
+                             f"{len(short)} layer(s) (layer {i}: keys {shape}; a sliding-window cache?)")
+            return
+        prefix = [(layer.keys[:, :, :p0].clone(), layer.values[:, :, :p0].clone()) for layer in layers]
         full_cache = (self.source_cache, self.target_cache)
         self.p0, self.prefix_kv = p0, prefix
         self.source_cache = {n: _suffix_slice(n, t, p0) for n, t in full_cache[0].items()}
         self.target_cache = {n: _suffix_slice(n, t, p0) for n, t in full_cache[1].items()}
+        reference = target_logits[:, self.keep_positions]
         try:
             with torch.no_grad():  # check: the unpatched suffix run reproduces the target run's logits
                 values, _ = self.run([_PatchedRun([], 0)], _return_logits=True)
             check = values[0]
-        except Exception:  # an architecture whose attention cannot continue from the cache
-            check = None
-        reference = target_logits[:, self.keep_positions]
-        if check is None or check.shape != reference.shape or not torch.allclose(check, reference, atol=1e-4, rtol=1e-4):
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as err:
+            # An attention that cannot continue from the cache fails with a tensor-shape RuntimeError (a
+            # sliding-window cache: "The size of tensor a (20) must match the size of tensor b (10) at
+            # non-singleton dimension 3" in the bridge's attention-mask reconstruction). Any other
+            # exception type is a bug and propagates.
             self.p0, self.prefix_kv = 0, []
             self.source_cache, self.target_cache = full_cache
+            self._prefix_off(f"a run over positions {p0}.. with the prefix's cached keys/values raised "
+                             f"{type(err).__name__}: {err}")
+            return
+        if check.shape != reference.shape or not torch.allclose(check, reference, atol=1e-4, rtol=1e-4):
+            self.p0, self.prefix_kv = 0, []
+            self.source_cache, self.target_cache = full_cache
+            gap = float((check - reference).abs().max()) if check.shape == reference.shape else math.inf
+            self._prefix_off(f"a run over positions {p0}.. with the prefix's cached keys/values does not reproduce "
+                             f"the full run (max |logit difference| {gap:.3g}): the model's attention ignores the cache")
+
+    def _prefix_off(self, reason: str, *, unsupported: bool = True) -> None:
+        """Record why the shared-prefix fast path is off: always as :attr:`shared_prefix_off` (and in
+        ``meta``); when the model does not support it (``unsupported``) also as a log line and a
+        :class:`SharedPrefixWarning`."""
+        self.shared_prefix_off = reason
+        if unsupported:
+            message = f"patching: shared-prefix fast path off ({reason}); patched runs compute every position"
+            logger.warning(message)
+            warnings.warn(message, SharedPrefixWarning, stacklevel=3)
+        else:
+            logger.debug("patching: shared-prefix fast path not used (%s)", reason)
 
     def relative(self, positions: Sequence[int] | None) -> list[int] | None:
         """Absolute positions → positions in the computed suffix (dropping those before it)."""

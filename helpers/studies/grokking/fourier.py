@@ -288,6 +288,7 @@ def progress_measures(
     *,
     chunk_models: int = 8,
     progress: bool = True,
+    without_key_frequencies: str = "raise",
 ) -> dict[str, np.ndarray]:
     """The paper's progress measures at every snapshot of ``run``, for every model.
 
@@ -295,6 +296,11 @@ def progress_measures(
         run: from :func:`helpers.studies.grokking.training.train` with snapshots.
         key_frequencies: one list per model (the final model's key frequencies, as in the paper).
         chunk_models: how many (snapshot, model) pairs go through one batched forward pass.
+        without_key_frequencies: what to do for a model whose list is empty (no key frequency was
+            found, e.g. a run stopped before the circuit forms): ``"raise"`` (default) a
+            ``ValueError``; ``"nan"`` report its restricted and excluded losses as NaN (they are
+            defined by the key frequencies) and every other measure as usual. Never measured
+            against a frequency that was not found.
 
     Returns a dict of ``[n_checkpoints, n_models]`` arrays (plus ``epoch`` ``[n_checkpoints]``):
     ``train_loss``, ``test_loss``, ``train_accuracy``, ``test_accuracy`` (all ``d_vocab_out``
@@ -309,6 +315,14 @@ def progress_measures(
     n_checkpoints, n_models = run.snapshots["W_E"].shape[:2]
     if len(key_frequencies) != n_models:
         raise ValueError(f"progress_measures got {len(key_frequencies)} key-frequency lists for {n_models} models.")
+    if without_key_frequencies not in ("raise", "nan"):
+        raise ValueError(f"without_key_frequencies must be 'raise' or 'nan', got {without_key_frequencies!r}.")
+    missing = [i for i, freqs in enumerate(key_frequencies) if len(freqs) == 0]
+    if missing and without_key_frequencies == "raise":
+        raise ValueError(
+            f"progress_measures: model(s) {missing} (seed(s) {[run.seeds[i] for i in missing]}) have no key frequency, "
+            "so the restricted and excluded losses are undefined for them. Train longer (the circuit forms before "
+            "the test loss collapses), lower the key-frequency thresholds, or pass without_key_frequencies='nan'.")
     p = run.config.p
     device = run.snapshots["W_E"].device
     all_tokens = run.data[0].tokens.to(device)
@@ -353,6 +367,8 @@ def progress_measures(
             out["sum_squared_weights"][part] = sum(v.double().pow(2).flatten(1).sum(-1) for v in params.values()).cpu()
 
     history = {name: value.view(n_checkpoints, n_models).numpy() for name, value in out.items()}
+    for name in ("restricted_loss", "excluded_loss"):
+        history[name][:, missing] = np.nan
     history["epoch"] = np.asarray(run.checkpoint_epochs)
     return history
 
@@ -541,11 +557,22 @@ def train_and_measure(config: Any, seeds: Sequence[int] = (0,), *, device: str |
 def measure_run(run: TrainingRun, *, threshold: float = 0.85, min_share: float = 0.02,
                 progress: bool = True) -> GrokkingResult:
     """Find each final model's key frequencies and compute the progress measures at every snapshot
-    with those frequencies (as the paper does: the final model's key frequencies throughout)."""
+    with those frequencies (as the paper does: the final model's key frequencies throughout).
+
+    A model with no key frequency (a short run that has not formed the circuit yet: the notebook's
+    300-epoch check in the ``ci`` profile) gets ``[]`` in ``key_frequencies`` and NaN restricted and
+    excluded losses, with a warning; its losses, accuracies, Gini coefficients and weight norm are
+    measured as usual."""
+    import warnings
+
     found = [key_frequencies_of(run.model, run.data[i], i, threshold, min_share) for i in range(len(run.seeds))]
     keys = [k for k, _ in found]
-    measured = [k if k else [1] for k in keys]  # a model with no key frequency yet: measure against k=1
-    history = progress_measures(run, measured, progress=progress)
+    missing = [seed for seed, k in zip(run.seeds, keys) if not k]
+    if missing:
+        warnings.warn(f"measure_run: no key frequency found for seed(s) {missing} (no frequency explains >= "
+                      f"{min_share:.0%} of the neurons at threshold {threshold}); their restricted and excluded "
+                      "losses are NaN.", RuntimeWarning, stacklevel=2)
+    history = progress_measures(run, keys, progress=progress, without_key_frequencies="nan")
     if len(run.seeds) == 1:
         history = {name: (value[:, 0] if value.ndim == 2 else value) for name, value in history.items()}
         history["train_loss_every_epoch"] = run.train_loss[:, 0].astype(np.float32)
