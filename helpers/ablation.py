@@ -68,6 +68,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import torch
 from jaxtyping import Float
 
+from helpers import batching
 from helpers.prompts import TokenBatch
 
 Hook = tuple[str, Callable[..., torch.Tensor]]
@@ -277,7 +278,7 @@ def ablation_values(
     method: AblationMethod,
     reference: TokenBatch | None = None,
     *,
-    batch_size: int = 16,
+    batch_size: int | None = None,
 ) -> list[torch.Tensor | None]:
     """The value each component is set to, one entry per component.
 
@@ -286,7 +287,8 @@ def ablation_values(
       scalar for a neuron or a direction (the mean projection).
     * ``"resample"``: the reference's own activations ``[batch, pos, d_head]`` / ``[batch, pos]``.
 
-    ``reference`` is run in chunks of ``batch_size`` prompts, caching only the hooks needed.
+    ``reference`` is run in chunks of ``batch_size`` prompts (default: as many as the memory budget of
+    :func:`helpers.batching.rows_per_forward` allows), caching only the hooks needed.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
@@ -298,6 +300,11 @@ def ablation_values(
                          "are averaged ('mean') or swapped in ('resample'). For resampling within a batch "
                          "use reference=resample_reference(batch).")
     reference = _check_batch(reference, "reference")
+    if batch_size is None:
+        batch_size = batching.rows_per_forward(model, reference.tokens.shape[1])
+    elif not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int (prompts per forward pass) or None for the memory "
+                         f"budget's default, got {batch_size!r}.")
     directions = {id(c): unit_direction(c.direction, model.cfg.d_model) for c in components if isinstance(c, ResidDirection)}
     names = sorted({c.hook_name for c in components})
     sums: list[torch.Tensor | None] = [None] * len(components)
@@ -354,7 +361,7 @@ def ablation_hooks(
     method: AblationMethod = "zero",
     reference: TokenBatch | None = None,
     *,
-    batch_size: int = 16,
+    batch_size: int | None = None,
 ) -> list[Hook]:
     """Forward hooks that ablate all of ``components`` at once, at every position.
 
@@ -366,7 +373,8 @@ def ablation_hooks(
             ``"resample"`` (``reference``'s activation at the same batch row and position).
         reference: the reference prompts (required for ``"mean"`` and ``"resample"``). Its
             activations are computed once, here, by a clean forward pass.
-        batch_size: chunk size of the reference forward passes.
+        batch_size: chunk size of the reference forward passes (default: from the memory budget,
+            :func:`helpers.batching.rows_per_forward`).
 
     Returns:
         One ``(hook_name, fn)`` per hook point; every other activation (other heads of the same

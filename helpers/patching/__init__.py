@@ -40,8 +40,9 @@ Here
    ``result.meta["shared_prefix_off"]``; ``result.meta["shared_prefix_positions"]`` is how many
    positions were skipped.)
 
-Memory: each batched forward holds at most ``max_batch_tokens`` tokens (default 2048); lower it on
-small machines, raise it on a GPU.
+Memory: each batched forward holds at most ``max_batch_tokens`` tokens; the default comes from one
+memory budget scaled by the model's vocabulary (:func:`helpers.batching.max_batch_tokens`: about 2,200
+tokens for SmolLM2, 490 for Gemma-3's 262k vocabulary). Lower it on small machines, raise it on a GPU.
 
 The tests check every sweep against a naive one-forward-per-component loop and against
 ``transformer_lens.patching`` where it has the same sweep.

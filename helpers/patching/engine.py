@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from helpers import batching
 from helpers.labelled_tensor import LabelledTensor
 from helpers.metrics import Metric
 from helpers.patching.inputs import Direction, LogitPositions, _check_direction, _check_hook_names, _check_pair
@@ -65,7 +66,7 @@ class _Patcher:
         target_hooks: Iterable[str] = (),
         *,
         logit_positions: LogitPositions = "auto",
-        max_batch_tokens: int = 2048,
+        max_batch_tokens: int | None = None,
         progress: bool = True,
         desc: str = "patching",
         allow_suffix: bool = True,
@@ -83,6 +84,11 @@ class _Patcher:
         self.target = self.corrupted if direction == "denoise" else self.clean
         self.source = self.clean if direction == "denoise" else self.corrupted
         self.batch_size, self.n_pos = self.target.tokens.shape
+        if max_batch_tokens is None:
+            max_batch_tokens = batching.max_batch_tokens(model)
+        elif not isinstance(max_batch_tokens, int) or isinstance(max_batch_tokens, bool) or max_batch_tokens <= 0:
+            raise ValueError(f"max_batch_tokens must be a positive int (tokens per forward pass) or None for the "
+                             f"default budget (helpers.batching.max_batch_tokens), got {max_batch_tokens!r}.")
         self.max_batch_tokens = max(int(max_batch_tokens), self.batch_size * self.n_pos)
         self.progress = progress
         self.desc = desc
@@ -275,10 +281,8 @@ class _Patcher:
     def copies_per_forward(self) -> int:
         per_copy = self.batch_size * (self.n_pos - self.p0)
         k = max(1, self.max_batch_tokens // per_copy)
-        if self.keep_positions is None:  # full logits: keep them under ~256 MB
-            vocab = int(self.model.cfg.d_vocab_out if getattr(self.model.cfg, "d_vocab_out", -1) > 0
-                        else self.model.cfg.d_vocab)
-            k = max(1, min(k, (256 * 2**20) // (per_copy * vocab * 4)))
+        if self.keep_positions is None:  # every position's logits are kept: half the budget for them
+            k = min(k, batching.logit_rows(self.model, per_copy, batching.FORWARD_BUDGET_BYTES // 2))
         return k
 
     def run(self, runs: Sequence[_PatchedRun | None], capture: Sequence[str] = (), _return_logits: bool = False

@@ -216,7 +216,7 @@ def path_patch_senders(
     freeze_mlps: bool = False,
     receiver_positions: Sequence[int] | None = None,
     logit_positions: LogitPositions = "auto",
-    max_batch_tokens: int = 2048,
+    max_batch_tokens: int | None = None,
     progress: bool = True,
 ) -> LabelledTensor:
     """:func:`path_patch` with every head as the single sender → ``[layer, head]``.

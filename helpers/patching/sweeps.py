@@ -37,7 +37,7 @@ def patch_residual(
     layers: Sequence[int] | None = None,
     positions: Sequence[int] | None = None,
     logit_positions: LogitPositions = "auto",
-    max_batch_tokens: int = 2048,
+    max_batch_tokens: int | None = None,
     progress: bool = True,
 ) -> LabelledTensor:
     """Patch the residual stream at one (layer, position) at a time → ``[layer, pos]``.
@@ -56,7 +56,8 @@ def patch_residual(
         layers, positions: restrict the sweep (default all). Negative positions count from the end.
         logit_positions: ``"auto"`` (unembed only the last real token when the metric provably reads
             nothing else), ``"last"`` or ``"all"``.
-        max_batch_tokens: how many tokens (copies × batch × positions) one batched forward may hold.
+        max_batch_tokens: how many tokens (copies × batch × positions) one batched forward may hold;
+            default :func:`helpers.batching.max_batch_tokens` (one memory budget scaled by the vocabulary).
     """
     if site not in _RESID_SITES:
         raise ValueError(f"site must be one of {_RESID_SITES}, got {site!r}.")
@@ -116,7 +117,7 @@ def _component_sweep(model, clean, corrupted, metric, hook_site: str, direction,
 def patch_attn_out(
     model: Any, clean: Any, corrupted: Any, metric: Metric, direction: Direction = "denoise", *,
     layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,
-    logit_positions: LogitPositions = "auto", max_batch_tokens: int = 2048, progress: bool = True,
+    logit_positions: LogitPositions = "auto", max_batch_tokens: int | None = None, progress: bool = True,
 ) -> LabelledTensor:
     """Patch each layer's attention output (``blocks.{l}.hook_attn_out``, all heads summed, what the
     attention adds to the residual stream) at one position at a time → ``[layer, pos]``.
@@ -130,7 +131,7 @@ def patch_attn_out(
 def patch_mlp_out(
     model: Any, clean: Any, corrupted: Any, metric: Metric, direction: Direction = "denoise", *,
     layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,
-    logit_positions: LogitPositions = "auto", max_batch_tokens: int = 2048, progress: bool = True,
+    logit_positions: LogitPositions = "auto", max_batch_tokens: int | None = None, progress: bool = True,
 ) -> LabelledTensor:
     """Patch each layer's MLP output (``blocks.{l}.hook_mlp_out``) at one position at a time →
     ``[layer, pos]``. Direction as in :func:`patch_residual`."""
@@ -142,7 +143,7 @@ def patch_layer_outputs(
     model: Any, clean: Any, corrupted: Any, metric: Metric,
     component: Literal["attn", "mlp", "resid_pre", "resid_mid", "resid_post"] = "attn",
     direction: Direction = "denoise", *, layers: Sequence[int] | None = None,
-    logit_positions: LogitPositions = "auto", max_batch_tokens: int = 2048, progress: bool = True,
+    logit_positions: LogitPositions = "auto", max_batch_tokens: int | None = None, progress: bool = True,
 ) -> LabelledTensor:
     """Patch a whole layer's component at **all** positions at once → ``[layer]``.
 
@@ -206,7 +207,7 @@ def patch_layer_window(
     model: Any, clean: Any, corrupted: Any, metric: Metric, component: Literal["attn", "mlp"] = "attn",
     window: int = 3, direction: Direction = "denoise", *, layers: Sequence[int] | None = None,
     positions: Sequence[int] | None = None, logit_positions: LogitPositions = "auto",
-    max_batch_tokens: int = 2048, progress: bool = True,
+    max_batch_tokens: int | None = None, progress: bool = True,
 ) -> LabelledTensor:
     """Patch the attention (or MLP) outputs of a window of ``window`` consecutive layers at once → ``[layer]``.
 
@@ -259,7 +260,7 @@ def patch_heads(
     layers: Sequence[int] | None = None,
     positions: Sequence[int] | None = None,
     logit_positions: LogitPositions = "auto",
-    max_batch_tokens: int = 2048,
+    max_batch_tokens: int | None = None,
     progress: bool = True,
 ) -> LabelledTensor:
     """Patch one attention head's activation at a time → ``[layer, head]`` or ``[layer, pos, head]``.
