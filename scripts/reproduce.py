@@ -12,7 +12,12 @@ notebook, so notebooks can also be reproduced one at a time (make reproduce NOTE
 The model switch MI_MODEL (helpers.profiles.get_embedded_model): a run on a model other than the
 default SmolLM2 (e.g. MI_MODEL=gemma-3-270m) leaves the committed notebooks untouched and writes
 everything under figures/<model>/ instead: executed/<notebook>.ipynb, the notebooks' figures,
-results/<notebook>.{md,json,run.json} and its own RESULTS.md.
+results/<notebook>.{md,json,run.json} and its own RESULTS.md. figures/RESULTS.md then gains, per study,
+a cross-model table (paper | default model | each other model) built from those results files.
+
+A notebook whose assertion fails (a paper's claim that does not hold on this model) is reported as
+FAILED with the assertion's message; its results table, which the notebooks show before asserting,
+is still listed, under that message.
 
 Usage: python scripts/reproduce.py [notebooks/01_….ipynb ...]   (default: every notebook)
 """
@@ -39,7 +44,7 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from helpers.profiles import get_embedded_model, get_profile, output_subdir  # noqa: E402
+from helpers.profiles import EMBEDDED_MODELS, get_embedded_model, get_profile, output_subdir  # noqa: E402
 PACKAGES = ("torch", "transformer-lens", "transformers", "circuitsvis", "plotly", "einops", "gguf", "peft",
             "nbval", "jupyterlab", "kaleido", "numpy")
 MAX_NOTEBOOK_BYTES = 2_000_000
@@ -95,15 +100,19 @@ def device() -> str:
     return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 
-def record_run(figures: Path, path: Path, ok: bool, seconds: float, error: str, commit: str | None = None) -> None:
+def record_run(figures: Path, path: Path, ok: bool, seconds: float, error: str, commit: str | None = None,
+               table_written: bool = False) -> None:
     """Stamp one notebook's run (kept beside its results table, so runs of single notebooks add up).
 
-    ``commit`` is the checkout the run started from (the executed notebook itself is rewritten by the run).
+    ``commit`` is the checkout the run started from (the executed notebook itself is rewritten by the run);
+    ``table_written``: this run wrote the notebook's results table (also true of a run that then failed an
+    assertion).
     """
     stamp = {
         "notebook": path.stem,
         "ok": ok,
         "error": error,
+        "table_written": table_written or ok,
         "minutes": round(seconds / 60, 2),
         "profile": os.environ.get("MI_PROFILE", "paper"),
         "mi_model": model_switch(),
@@ -153,13 +162,72 @@ def write_results(figures: Path, notebooks: list[Path]) -> Path:
         table = figures / "results" / f"{path.stem}.md"
         stamp = stamps[path.stem]
         lines += ["", f"## {path.stem}", ""]
-        if stamp and stamp["ok"] and table.is_file():
+        if stamp and stamp.get("table_written", stamp["ok"]) and table.is_file():
+            if not stamp["ok"]:
+                lines += [f"**The run stopped with:** `{stamp['error']}` (the table below was written before that).", ""]
             lines.append(table.read_text(encoding="utf-8").strip())
         else:
             lines.append("_No results table: the notebook has not finished a run yet._")
+        if figures == base_figures(figures):
+            lines += cross_model_table(figures, path.stem)
     target = figures / "RESULTS.md"
     target.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return target
+
+
+def base_figures(figures: Path) -> Path:
+    """The default model's figures folder of ``figures`` (itself, or its parent for figures/<model>/)."""
+    return figures.parent if figures.name in OTHER_MODELS else figures
+
+
+OTHER_MODELS = tuple(choice.name for choice in EMBEDDED_MODELS if not choice.is_default)
+
+
+def _rows(results_json: Path) -> tuple[dict, dict[str, dict]] | None:
+    if not results_json.is_file():
+        return None
+    payload = json.loads(results_json.read_text(encoding="utf-8"))
+    return payload, {row["quantity"]: row for row in payload["rows"]}
+
+
+def cross_model_table(figures: Path, notebook: str) -> list[str]:
+    """Markdown lines: one notebook's results on every model that has a results table for it.
+
+    Rows are matched by their quantity label (the notebooks build the same rows on every model); a
+    quantity one model's run did not produce shows "–". The notes carry the model-specific details
+    (which head, which neuron) and are kept per model. Empty when no other model has run the notebook.
+    """
+    columns = [("default", figures / "results" / f"{notebook}.json")]
+    columns += [(name, figures / name / "results" / f"{notebook}.json") for name in OTHER_MODELS]
+    loaded = [(name, _rows(path), figures / (name if name != "default" else "") / "results" / f"{notebook}.run.json")
+              for name, path in columns]
+    loaded = [(name, rows, run) for name, rows, run in loaded if rows is not None]
+    if len(loaded) < 2:
+        return []
+    order: list[str] = []
+    for _, (_, by_quantity), _ in loaded:
+        order += [q for q in by_quantity if q not in order]
+    header, stamps = [], []
+    for name, (payload, _), run_file in loaded:
+        label = payload["model"].split(" (")[0]
+        header.append(label)
+        run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else {}
+        status = "ran" if run.get("ok", True) else f"assertion failed: {run.get('error', '')[:160]}"
+        stamps.append(f"{label}: profile `{payload['profile']}`, {run.get('date', 'date unknown')}, "
+                      f"{run.get('git_commit', 'commit unknown')}, {payload['device']}; {status}")
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+    lines = ["", f"### {notebook} across models", "",
+             *[f"- {stamp}" for stamp in stamps], "",
+             "| quantity | paper | " + " | ".join(header) + " | notes |",
+             "|---|---|" + "---|" * len(header) + "---|"]
+    for quantity in order:
+        rows = [by_quantity.get(quantity) for _, (_, by_quantity), _ in loaded]
+        paper = next((r["paper"] for r in rows if r is not None), "–")
+        values = [r["this_run"] if r is not None else "–" for r in rows]
+        notes = "; ".join(f"{h}: {r['note']}" for h, r in zip(header, rows) if r is not None and r["note"])
+        lines.append("| " + " | ".join(cell(c) for c in [quantity, paper, *values, notes]) + " |")
+    return lines
 
 
 def main() -> int:
@@ -183,6 +251,7 @@ def main() -> int:
         label = f"profile {os.environ['MI_PROFILE']}" + (f", MI_MODEL={switch}" if switch else "")
         print(f"\n[{number}/{len(paths)}] {path.name} ({label})", flush=True)
         executed = figures / "executed" / path.name
+        started = time.time()
         if subdir:  # another model: the committed notebook (the default model's outputs) stays as it is
             ok, seconds, error = execute(path, args.timeout, output=executed)
         else:
@@ -193,10 +262,16 @@ def main() -> int:
               + (f"; error: {error}" if error else ""), flush=True)
         if size > MAX_NOTEBOOK_BYTES:
             print(f"    !! {path.name} is over {MAX_NOTEBOOK_BYTES / 1e6:.0f} MB with outputs", flush=True)
-        record_run(figures, path, ok, seconds, error, commit)
+        table = figures / "results" / f"{path.stem}.json"
+        table_written = table.is_file() and table.stat().st_mtime >= started
+        record_run(figures, path, ok, seconds, error, commit, table_written)
         runs.append(ok)
-    target = write_results(figures, sorted((ROOT / "notebooks").glob("*.ipynb")))
-    print(f"\nwrote {target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}")
+    all_notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    targets = [write_results(figures, all_notebooks)]
+    if subdir:  # the default model's RESULTS.md carries the cross-model tables
+        targets.append(write_results(base, all_notebooks))
+    for target in targets:
+        print(f"wrote {target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}")
     return 0 if all(runs) else 1
 
 

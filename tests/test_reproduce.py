@@ -53,3 +53,41 @@ def test_another_models_run_leaves_the_committed_notebook_alone(tmp_path):
     assert ok and not error
     assert source.read_bytes() == before
     assert "42" in executed.read_text()
+
+
+def _results(folder: Path, notebook: str, model: str, rows: list[tuple[str, str, str, str]]) -> None:
+    (folder / "results").mkdir(parents=True, exist_ok=True)
+    payload = {"notebook": notebook, "profile": "embedded", "model": f"{model} (some detail)", "device": "cpu",
+               "seed": 0, "rows": [dict(zip(("quantity", "paper", "this_run", "note"), r)) for r in rows]}
+    (folder / "results" / f"{notebook}.json").write_text(json.dumps(payload))
+    (folder / "results" / f"{notebook}.md").write_text("| quantity | paper | this run | note |\n|---|---|---|---|\n")
+
+
+def test_results_gain_a_cross_model_table_matched_by_quantity(tmp_path, monkeypatch):
+    monkeypatch.setenv("MI_PROFILE", "embedded")
+    figures = tmp_path / "figures"
+    notebook = Path("05_x.ipynb")
+    _results(figures, "05_x", "SmolLM2-135M-Instruct",
+             [("top head DE", "2.7", "2.8", "L26H8"), ("LN share", "0.32", "0.22", ""), ("only smol", "1", "3", "")])
+    _results(figures / "gemma-3-270m", "05_x", "Gemma-3-270M",
+             [("top head DE", "2.7", "1.9", "L15H2"), ("LN share", "0.32", "0.41", ""), ("only gemma", "–", "7", "")])
+    reproduce.record_run(figures, notebook, True, 60.0, "")
+    reproduce.record_run(figures / "gemma-3-270m", notebook, False, 60.0, "AssertionError: no self-repair",
+                         table_written=True)
+    base_text = reproduce.write_results(figures, [notebook]).read_text()
+    assert "| quantity | paper | SmolLM2-135M-Instruct | Gemma-3-270M | notes |" in base_text
+    assert "| top head DE | 2.7 | 2.8 | 1.9 | SmolLM2-135M-Instruct: L26H8; Gemma-3-270M: L15H2 |" in base_text
+    assert "| only smol | 1 | 3 | – |" in base_text and "| only gemma | – | – | 7 |" in base_text
+    assert "assertion failed: AssertionError: no self-repair" in base_text
+    # the other model's own RESULTS.md lists its table under the failure, and has no cross-model table
+    other_text = reproduce.write_results(figures / "gemma-3-270m", [notebook]).read_text()
+    assert "**The run stopped with:** `AssertionError: no self-repair`" in other_text
+    assert "across models" not in other_text
+
+
+def test_no_cross_model_table_for_one_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("MI_PROFILE", "embedded")
+    figures = tmp_path / "figures"
+    _results(figures, "05_x", "SmolLM2-135M-Instruct", [("a", "1", "2", "")])
+    reproduce.record_run(figures, Path("05_x.ipynb"), True, 60.0, "")
+    assert "across models" not in reproduce.write_results(figures, [Path("05_x.ipynb")]).read_text()
