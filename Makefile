@@ -1,8 +1,10 @@
 # mechinterp-repro — one entry point for setting up, testing and reproducing.
 #
 #   make test        unit tests + every notebook in the `ci` profile (what CI runs)
-#   make reproduce   every notebook in the `embedded` profile; figures + figures/RESULTS.md
-#                    (MI_MODEL=gemma-3-270m make reproduce NOTEBOOKS=...: the same on Gemma-3-270M, under figures/gemma-3-270m/)
+#   make reproduce   every notebook in the `embedded` profile on SmolLM2-135M-Instruct, then the four
+#                    language-model studies that run on any model (IOI, entropy neurons, self-repair,
+#                    patching practices) on Gemma-3-270M too (under figures/gemma-3-270m/); figures +
+#                    figures/RESULTS.md with a cross-model table per study
 #   make setup       only create/refresh the virtual environment
 #
 # Both main targets set everything up from nothing: Python 3.11 + pip is all a machine needs.
@@ -15,6 +17,10 @@ STAMP  := $(VENV)/.mi-installed
 
 # Notebooks: run serially (two torch processes on 2 cores slow each other 4-7x).
 NOTEBOOKS ?= $(sort $(wildcard notebooks/*.ipynb))
+# The studies that run on the second embedded model too (grokking trains its own model; refusal needs
+# the project's SmolLM2 safety tuning).
+SECOND_MODEL ?= gemma-3-270m
+SECOND_MODEL_NOTEBOOKS ?= $(filter notebooks/02_% notebooks/04_% notebooks/05_% notebooks/06_%,$(NOTEBOOKS))
 CI_FIGURES ?= build/ci-figures
 
 export PYTHONHASHSEED := 0
@@ -55,8 +61,14 @@ notebook-test: setup
 	MI_PROFILE=ci MI_FIGURES_DIR=$(CI_FIGURES) HF_HUB_OFFLINE=1 \
 	  $(PY) -m pytest $(NOTEBOOKS) --nbval-lax --nbval-cell-timeout=900 -p no:cacheprovider --durations=20 --junitxml=build/test-report.xml
 
+# Both models run even when a notebook fails on the first (a paper's claim failing on one model is a
+# finding, reported in RESULTS.md); the target fails if any run failed.
 reproduce: setup
-	MI_PROFILE=embedded HF_HUB_OFFLINE=1 $(PY) scripts/reproduce.py $(NOTEBOOKS)
+	@status=0; \
+	MI_PROFILE=embedded HF_HUB_OFFLINE=1 $(PY) scripts/reproduce.py $(NOTEBOOKS) || status=1; \
+	if [ -n "$(strip $(SECOND_MODEL_NOTEBOOKS))" ]; then \
+	  MI_PROFILE=embedded MI_MODEL=$(SECOND_MODEL) HF_HUB_OFFLINE=1 $(PY) scripts/reproduce.py $(SECOND_MODEL_NOTEBOOKS) || status=1; \
+	fi; exit $$status
 
 # README badges + the notebooks' Colab setup cell, from pyproject.toml's repository URL.
 colab-links: setup
