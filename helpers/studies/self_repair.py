@@ -13,7 +13,10 @@ later MLPs and the final norm scale, and the freeze-one-at-a-time runs) live in
 * :func:`neuron_repair` — anti-erasure: the change of every later MLP neuron's direct effect when a
   head is ablated, on that head's top tokens (:func:`neuron_repair_parts` also returns the part a
   post-feedforward norm carries, Gemma-2/3), and :func:`cumulative_share` (how few neurons explain
-  it).
+  it); :func:`neuron_repair_tokens` per token and :func:`top_neuron_share`, the official code's
+  sparsity statistic (share of a token's MLP self-repair carried by its top 5 neurons).
+* :func:`clean_direct_effects` — each head's clean direct effect, the official code's "DE"; with it,
+  :func:`ln_share_per_token` and :func:`ln_share_of_means`, the code's two final-norm shares.
 * :func:`load_self_repair_tokens` — the text: the offline corpus, or the Pile in the paper profile.
 
 Sign conventions are those of :mod:`helpers.effects`: direct effect DE and total effect TE are
@@ -35,15 +38,36 @@ from helpers.models import norm_gain, post_sublayer_norm
 from helpers.prompts import TokenBatch
 
 PAPER = {
-    # From the released GPT-2 small arrays of Rushing & Nanda (see shared/notes/references.md §5).
-    "gpt2_head": "L9H9",
-    "gpt2_head_direct_effect": 1.70,
-    "gpt2_head_logit_change": -0.23,
-    "gpt2_head_self_repair": 1.47,
-    "mean_clipped_ln_share_gpt2": 0.32,
-    "mean_clipped_ln_share_pythia160m": 0.34,
+    # From the official code's released GPT-2 small arrays (starship006/backup_research,
+    # FINAL_figure_files/pickle_storage/breakdown_self_repair; see shared/notes/references.md §5), not
+    # numbers printed in the paper. "DE" there is the head's clean direct effect (its zero-ablation
+    # direct logit attribution through the clean final-norm scale), averaged over the head's top 2 % of
+    # tokens by that same clean DE; "logit change" is ablated − clean logit (= −TE); self-repair is the
+    # code's own ``logit change − (ablated DE − DE)`` (= our DE − TE; for 9.11 the resampled head keeps a
+    # DE of 0.17 on those tokens, so this is 1.54, not 2.738 − 1.027 = 1.71).
+    "largest_de_head": "L9H11",
+    "largest_de_head_direct_effect": 2.738,
+    "largest_de_head_logit_change": -1.027,
+    "largest_de_head_self_repair": 1.540,
+    "largest_de_head_de_plus_logit_change": 1.711,
+    # The final-norm ("LN") share of the direct effect, two definitions in the official code, each a
+    # mean over all 144 heads (GPT-2 small, Pythia-160M): see ln_share_per_token / ln_share_of_means.
+    "ln_share_per_token_gpt2": 0.318,       # mean of condensed_percent_LN_of_DE
+    "ln_share_per_token_pythia160m": 0.341,
+    "ln_share_of_means_gpt2": 0.225,        # mean of clip(condensed_self_repair_from_LN / condensed_direct_effects, 0, 1)
+    "ln_share_of_means_pythia160m": 0.154,
+    # The same arrays, the top 10 % of GPT-2 small's 144 heads by condensed clean DE (15 heads): mean
+    # self-repair 0.691 = later heads 0.263 + later MLPs 0.009 + final LayerNorm 0.419.
+    "high_de_self_repair_gpt2": 0.691,
+    "high_de_later_heads_gpt2": 0.263,
+    "high_de_later_mlps_gpt2": 0.009,
+    "high_de_final_norm_gpt2": 0.419,
     "top_fraction": 0.02,
     "seq_len": 128,
+    # Anti-erasure sparsity (official GOOD_MLP_erasure_breakdown_POSTPROCESS.py): per token, the share
+    # of the MLP self-repair carried by the top 5 neurons, capped at 300 %; no number in the paper text.
+    "anti_erasure_top_k": 5,
+    "anti_erasure_cap": 3.0,
 }
 
 
@@ -90,7 +114,8 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * weights).flatten(1).sum(1) / weights.flatten(1).sum(1).clamp(min=1)
 
 
-def head_summary(effects: AblationEffects, fraction: float = 0.02, mask: torch.Tensor | None = None) -> pd.DataFrame:
+def head_summary(effects: AblationEffects, fraction: float = 0.02, mask: torch.Tensor | None = None,
+                 clean_direct: torch.Tensor | None = None) -> pd.DataFrame:
     """One row per ablated component, statistics over its top ``fraction`` tokens by direct effect.
 
     Columns: ``component``, ``layer``, ``head``, ``n_tokens``, ``direct``, ``total``,
@@ -100,9 +125,17 @@ def head_summary(effects: AblationEffects, fraction: float = 0.02, mask: torch.T
     [0, 1]), ``overcorrect_frac`` (share of the top tokens where the logit *rose* on ablation,
     TE < 0), ``self_repair_std`` (spread over the top tokens) and, when the freeze runs were done,
     ``freeze_later_heads`` / ``freeze_later_mlps`` / ``freeze_final_norm`` (TE(frozen) − TE).
+
+    With ``clean_direct`` (:func:`clean_direct_effects`, ``[component, batch, pos]``) the top tokens
+    are chosen by the clean direct effect, as the official code does (unless ``mask`` is given), and
+    three columns follow the official code's definitions: ``clean_direct`` (its "DE"),
+    ``ln_share_tokens`` (:func:`ln_share_per_token`) and ``ln_share_means`` (:func:`ln_share_of_means`),
+    both against the clean direct effect.
     """
+    if clean_direct is not None and clean_direct.shape != effects.direct.shape:
+        raise ValueError(f"clean_direct must be [component, batch, pos] = {tuple(effects.direct.shape)}, got {tuple(clean_direct.shape)}.")
     if mask is None:
-        mask = top_token_mask(effects.direct, effects.valid, fraction)
+        mask = top_token_mask(effects.direct if clean_direct is None else clean_direct, effects.valid, fraction)
     mean = lambda t: _masked_mean(t, mask)  # noqa: E731
     direct, total = mean(effects.direct), mean(effects.total)
     self_repair = direct - total
@@ -129,9 +162,70 @@ def head_summary(effects: AblationEffects, fraction: float = 0.02, mask: torch.T
         "overcorrect_frac": mean((effects.total < 0).float()).tolist(),
         "self_repair_std": sr_std.tolist(),
     })
+    if clean_direct is not None:
+        frame["clean_direct"] = mean(clean_direct).tolist()
+        frame["ln_share_tokens"] = ln_share_per_token(effects.final_norm, clean_direct, mask).tolist()
+        frame["ln_share_means"] = ln_share_of_means(effects.final_norm, clean_direct, mask).tolist()
     for target in effects.frozen_total:
         frame[f"freeze_{target}"] = mean(effects.freeze_repair(target)).tolist()  # type: ignore[arg-type]
     return frame
+
+
+def clean_direct_effects(model: Any, batch: TokenBatch, components: Sequence[Head]) -> Float[torch.Tensor, "component batch pos"]:
+    """Each head's *clean* direct effect on the correct next token: its zero-ablation direct logit
+    attribution through the clean final-norm scale (:func:`helpers.effects.direct_effect_decomposition`).
+
+    This is what the official code calls a head's "direct effect" (``direct_effects`` in
+    ``GOOD_breakdown_self_repair.py``): it picks each head's top tokens by it, reports its mean and
+    divides the final-norm repair by it. ``AblationEffects.direct`` is instead the *change* of the
+    head's direct effect under the ablation (clean minus resampled), which is smaller for resample
+    ablation; self-repair (DE − TE) is the same in both conventions.
+    """
+    from helpers.effects import direct_effect_decomposition
+
+    components = [Head(*c) if isinstance(c, tuple) else c for c in components]
+    bad = [c for c in components if not isinstance(c, Head)]
+    if bad:
+        raise TypeError(f"components must be heads (helpers.ablation.Head), got {bad[:3]}.")
+    heads_de = direct_effect_decomposition(model, batch)["heads"]  # [layer, head, batch, pos]
+    return torch.stack([heads_de[c.layer, c.head] for c in components]).cpu()
+
+
+def _check_share_inputs(final_norm: torch.Tensor, direct: torch.Tensor, mask: torch.Tensor) -> None:
+    if not final_norm.shape == direct.shape == mask.shape:
+        raise ValueError(f"final_norm, direct and mask must have the same [component, batch, pos] shape, got "
+                         f"{tuple(final_norm.shape)}, {tuple(direct.shape)}, {tuple(mask.shape)}.")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (e.g. from top_token_mask), got {mask.dtype}.")
+
+
+def ln_share_per_token(
+    final_norm: Float[torch.Tensor, "component batch pos"],
+    direct: Float[torch.Tensor, "component batch pos"],
+    mask: Bool[torch.Tensor, "component batch pos"],
+) -> Float[torch.Tensor, "component"]:
+    """Final-norm share of the direct effect, the official code's ``condensed_percent_LN_of_DE``:
+    per token ``clip(final_norm / direct, 0, 1)``, then per component the mean (NaN-skipping, as the
+    code's ``nanmean``) over its tokens in ``mask``. The paper's "~30 %" is the mean of this over all
+    heads (0.318 on GPT-2 small). Clipping each token first makes it larger than
+    :func:`ln_share_of_means` when the per-token ratios are spread out."""
+    _check_share_inputs(final_norm, direct, mask)
+    ratio = (final_norm / direct).clamp(0, 1)  # 0/0 -> NaN, skipped; x/0 -> ±inf -> clipped to 0 or 1
+    ratio = ratio.masked_fill(~mask, float("nan"))
+    return torch.nanmean(ratio.flatten(1), dim=1)
+
+
+def ln_share_of_means(
+    final_norm: Float[torch.Tensor, "component batch pos"],
+    direct: Float[torch.Tensor, "component batch pos"],
+    mask: Bool[torch.Tensor, "component batch pos"],
+) -> Float[torch.Tensor, "component"]:
+    """Final-norm share of the direct effect as the official summary script
+    (``GOOD_between_model_breakdown_summarize.py``) computes it: per component
+    ``clip(mean final_norm / mean direct, 0, 1)``, both means over its tokens in ``mask``
+    (0.225 on GPT-2 small averaged over all heads)."""
+    _check_share_inputs(final_norm, direct, mask)
+    return (_masked_mean(final_norm, mask) / _masked_mean(direct, mask)).clamp(0, 1)
 
 
 def token_effects(effects: AblationEffects, component: Any, mask: torch.Tensor | None = None, fraction: float = 0.02) -> pd.DataFrame:
@@ -203,6 +297,25 @@ def neuron_repair_parts(
     """:func:`neuron_repair` and, per layer, the part of the MLP layer's change that no neuron carries:
     the post-feedforward norm rescaling the clean output (zeros for models without such a norm).
     ``per_neuron.sum(-1) + rescale`` is each MLP layer's share of ``later_mlps``."""
+    per_token, rescale = neuron_repair_tokens(model, batch, head, token_mask, method=method, reference=reference, seed=seed)
+    return per_token.mean(0), rescale.mean(0)
+
+
+@torch.no_grad()
+def neuron_repair_tokens(
+    model: Any,
+    batch: TokenBatch,
+    head: Head | tuple[int, int],
+    token_mask: Bool[torch.Tensor, "batch pos"],
+    *,
+    method: AblationMethod = "resample",
+    reference: TokenBatch | None = None,
+    seed: int = 0,
+) -> tuple[Float[torch.Tensor, "token layer d_mlp"], Float[torch.Tensor, "token layer"]]:
+    """:func:`neuron_repair_parts` before the mean over tokens: one row per True entry of
+    ``token_mask`` (row-major order, as ``token_mask.nonzero()``). ``per_neuron[t].sum() + rescale[t].sum()``
+    is token ``t``'s ``later_mlps``. The paper's sparsity statistic is per token
+    (:func:`top_neuron_share`), since different tokens use different neurons."""
     head = Head(*head) if isinstance(head, tuple) else head
     if token_mask.shape != batch.tokens.shape:
         raise ValueError(f"token_mask must be [batch, pos] = {tuple(batch.tokens.shape)}, got {tuple(token_mask.shape)}.")
@@ -243,8 +356,9 @@ def neuron_repair_parts(
                   ablate + [grab(ablated, n) for n in post_names + norm_names] + [stop(ablated)], head.layer)
     scale = clean["scale"]  # the clean run's final-norm scale on the selected tokens
     directions = readout.directions[where]  # [tokens, d_model]
-    result = torch.zeros(model.cfg.n_layers, model.cfg.d_mlp)
-    rescale = torch.zeros(model.cfg.n_layers)
+    n_tokens = int(where.sum())
+    result = torch.zeros(n_tokens, model.cfg.n_layers, model.cfg.d_mlp)
+    rescale = torch.zeros(n_tokens, model.cfg.n_layers)
     W_out = model.W_out.detach().float()
     for layer, name in zip(layers, post_names):
         norm = post_norms[layer]
@@ -257,8 +371,8 @@ def neuron_repair_parts(
             w = directions @ (W_out[layer] * norm_gain(norm).float()).T  # [tokens, d_mlp]
             delta = (ablated[name] - clean[name]) * w / (r_new * scale)[:, None]
             out_dot = (clean[f"blocks.{layer}.hook_mlp_out"] * directions).sum(-1)
-            rescale[layer] = (out_dot * (r / r_new - 1.0) / scale).mean().cpu()
-        result[layer] = delta.mean(0).cpu()
+            rescale[:, layer] = (out_dot * (r / r_new - 1.0) / scale).cpu()
+        result[:, layer] = delta.cpu()
     return result, rescale
 
 
@@ -270,6 +384,31 @@ def cumulative_share(contributions: Float[torch.Tensor, "n"], k_values: Sequence
     if positive_total <= 0:
         return {k: float("nan") for k in k_values}
     return {k: float(values[:k].clamp(min=0).sum()) / positive_total for k in k_values}
+
+
+def top_neuron_share(
+    changes: Float[torch.Tensor, "token neuron"],
+    mlp_repair: Float[torch.Tensor, "token"],
+    k: int = 5,
+    cap: float | None = 3.0,
+) -> Float[torch.Tensor, "token"]:
+    """Anti-erasure sparsity as the official code measures it (``GOOD_MLP_erasure_breakdown_POSTPROCESS.py``,
+    "Percentage of Self-Repair Explained by Top 5 Neurons"): per token, the ``k`` largest neuron
+    changes of the direct effect (that token's own top ``k``), summed, over the token's total MLP
+    self-repair ``mlp_repair``, capped at ``cap`` (the code's 300 %; ``None`` for no cap).
+
+    Tokens with ``mlp_repair <= 0`` (nothing to explain; the paper picks each head's top tokens by MLP
+    self-repair, which are positive) get NaN. Returns one share per token; average with ``nanmean``.
+    """
+    if changes.ndim != 2 or mlp_repair.shape != changes.shape[:1]:
+        raise ValueError(f"changes must be [token, neuron] and mlp_repair [token], got {tuple(changes.shape)} and {tuple(mlp_repair.shape)}.")
+    if not 1 <= k <= changes.shape[1]:
+        raise ValueError(f"k must be between 1 and the number of neurons ({changes.shape[1]}), got {k}.")
+    top = changes.topk(k, dim=1).values.sum(1)
+    share = top / mlp_repair
+    if cap is not None:
+        share = share.clamp(max=cap)
+    return share.masked_fill(mlp_repair <= 0, float("nan"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,12 +436,14 @@ def decomposition_figure(summary: pd.DataFrame, *, title: str) -> Any:
     return fig
 
 
-def token_noise_figure(effects: AblationEffects, components: Sequence[Any], *, fraction: float = 0.02, title: str) -> Any:
+def token_noise_figure(effects: AblationEffects, components: Sequence[Any], *, fraction: float = 0.02, title: str,
+                       mask: torch.Tensor | None = None) -> Any:
     """Per-token direct vs. total effect of a few heads on their top tokens, with y = x (no
     self-repair) and y = 0 (perfect self-repair): how noisy self-repair is per prompt."""
     import plotly.graph_objects as go
 
-    mask = top_token_mask(effects.direct, effects.valid, fraction)
+    if mask is None:
+        mask = top_token_mask(effects.direct, effects.valid, fraction)
     fig = go.Figure()
     lo, hi = 0.0, 0.0
     for component in components:
