@@ -445,7 +445,8 @@ def test_ablation_summary_rows():
     model = GrokkingTransformer(SMALL, seeds=(0,))
     data = make_dataset(SMALL.p)
     rows = fourier.ablation_summary(model, data, [1, 2])
-    assert [r["inputs"] for r in rows] == ["all"] * 3 + ["test"] * 3
+    assert [r["inputs"] for r in rows] == ["all"] * 3 + ["test"] * 3 + ["all"] * 2
+    assert "§4.4" in rows[6]["intervention"] and "only" in rows[6]["intervention"] and "removed" in rows[7]["intervention"]
     with torch.no_grad():
         full = float(cross_entropy_float64(model(data.tokens)[0, :, : SMALL.p], data.labels))
     assert rows[0]["loss"] == pytest.approx(full)
@@ -473,3 +474,103 @@ def test_compare_histories_limits_to_early_epochs():
     assert fourier.compare_histories(changed, reference, max_epoch=50)["train_loss_every_epoch"] == pytest.approx(0.01)
     with pytest.raises(ValueError, match="max_epoch"):
         fourier.compare_histories(drifted, reference, max_epoch=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# §4.2 logit approximation, §4.4 neuron-level ablations, phase changes
+# --------------------------------------------------------------------------------------------------
+
+
+def _trained_small_model():
+    run = train(SMALL.replace(n_epochs=40), seeds=(0,), progress=False)
+    return run.model, run.data[0]
+
+
+def naive_neuron_ablation(model, data, frequencies, mode):
+    """Per neuron, a least-squares fit on [1, cos(w_k(a+b)), sin(w_k(a+b))] over all inputs; the new
+    activations go through W_out and W_U on top of the untouched rest of the residual stream."""
+    p = data.p
+    a = data.tokens[:, 0].double()
+    b = data.tokens[:, 1].double()
+    columns = [torch.ones(p * p, dtype=torch.float64)]
+    for k in frequencies:
+        columns += [torch.cos(2 * math.pi * k * (a + b) / p), torch.sin(2 * math.pi * k * (a + b) / p)]
+    design = torch.stack(columns, 1)
+    _, cache = model.run_with_cache(data.tokens)
+    acts = cache["mlp_post"][0].double()
+    new = torch.empty_like(acts)
+    for n in range(acts.shape[1]):
+        coefficients = torch.linalg.lstsq(design, acts[:, n:n + 1]).solution
+        fit_key = design[:, 1:] @ coefficients[1:, 0]
+        new[:, n] = coefficients[0, 0] + fit_key if mode == "keep" else acts[:, n] - fit_key
+    prm = {k: v[0].detach().double() for k, v in model.params.items()}
+    resid = cache["resid_mid"][0].double() + new @ prm["W_out"] + prm["b_out"]
+    return (resid @ prm["W_U"])[:, :p]
+
+
+@pytest.mark.parametrize("mode", ["keep", "remove"])
+def test_neuron_ablation_matches_a_per_neuron_least_squares_fit(mode):
+    model, data = _trained_small_model()
+    got = fourier.neuron_ablation_logits(model, data, [2, 5], mode=mode)
+    expected = naive_neuron_ablation(model, data, [2, 5], mode)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+    # it really ablates something: the logits differ from the model's
+    with torch.no_grad():
+        full = model(data.tokens)[0, :, : data.p].double()
+    assert (got - full).abs().max() > 1e-2
+
+
+def test_neuron_ablation_of_the_whole_stream_is_the_logit_level_ablation():
+    """Ablating the skip path the same way gives the restricted / excluded logits (projection over
+    inputs commutes with the linear maps after the neurons); leaving it alone does not."""
+    model, data = _trained_small_model()
+    with torch.no_grad():
+        full = model(data.tokens)[0, :, : data.p]
+    directions = fourier.sum_directions(data.p, [1, 4])
+    keep = fourier.neuron_ablation_logits(model, data, [1, 4], mode="keep", ablate_skip_path=True)
+    remove = fourier.neuron_ablation_logits(model, data, [1, 4], mode="remove", ablate_skip_path=True)
+    assert torch.allclose(keep, fourier.restricted_logits(full, directions), atol=1e-4)
+    assert torch.allclose(remove, fourier.excluded_logits(full, directions), atol=1e-4)
+    skip_kept = fourier.neuron_ablation_logits(model, data, [1, 4], mode="keep")
+    assert not torch.allclose(skip_kept, keep, atol=1e-3)
+    # keeping the cos/sin(w(a+b)) terms of *every* frequency still drops the neurons' other (a, b)
+    # dependence (cos(w a), cos(w(a-b)), ...), so it is not the identity
+    every = fourier.neuron_ablation_logits(model, data, range(1, data.p // 2 + 1), mode="keep")
+    assert not torch.allclose(every, full.double(), atol=1e-3)
+    with pytest.raises(ValueError, match="mode"):
+        fourier.neuron_ablation_logits(model, data, [1], mode="restricted")
+    with pytest.raises(ValueError, match="empty"):
+        fourier.neuron_ablation_logits(model, data, [], mode="keep")
+
+
+def test_cos_terms_logits_recover_hand_built_terms():
+    p = 13
+    a, b, c = torch.meshgrid(torch.arange(p), torch.arange(p), torch.arange(p), indexing="ij")
+    phase = 2 * math.pi * (a + b - c).double() / p
+    wanted = 3 * torch.cos(3 * phase) + 2 * torch.cos(5 * phase)
+    logits = (wanted + torch.sin(3 * phase) + 0.5 * torch.cos(4 * phase) + 7).reshape(p * p, p)
+    fit = fourier.cos_terms_logits(logits, p, [3, 5])
+    assert torch.allclose(fit, wanted.reshape(p * p, p), atol=1e-9)
+    # its explained variance is cos_terms_variance_explained
+    centred = logits - logits.mean()
+    assert float(fit.pow(2).sum() / centred.pow(2).sum()) == pytest.approx(
+        fourier.cos_terms_variance_explained(logits, p, [3, 5]), rel=1e-9)
+    with pytest.raises(ValueError, match="shape"):
+        fourier.cos_terms_logits(logits[:10], p, [3])
+    with pytest.raises(ValueError, match="frequency"):
+        fourier.cos_terms_logits(logits, p, [7])
+
+
+def test_phase_changes_on_a_hand_built_curve():
+    epochs = np.arange(0, 1001, 10)
+    values = np.where(epochs < 200, 1.0, np.where(epochs < 600, 1.0 + (epochs - 200) / 400, 2.0 + (epochs - 600) * 0.01))
+    phases = fourier.Phases(memorisation_end=200, cleanup_start=600, cleanup_end=800, grokking_epoch=None)
+    out = fourier.phase_changes(epochs, values, phases)
+    assert out["epochs"] == [0, 200, 600, 800]
+    assert out["at"] == pytest.approx([1.0, 1.0, 2.0, 4.0])
+    assert out["change"] == pytest.approx({"memorisation": 0.0, "circuit formation": 1.0, "cleanup": 2.0})
+    assert out["rate"] == pytest.approx({"memorisation": 0.0, "circuit formation": 2.5, "cleanup": 10.0})
+    with pytest.raises(ValueError, match="boundaries"):
+        fourier.phase_changes(epochs, values, fourier.Phases(600, 200, 800, None))
+    with pytest.raises(ValueError, match="one value per checkpoint"):
+        fourier.phase_changes(epochs, values[:-1], phases)

@@ -21,7 +21,10 @@ functions on ``{0, …, p−1}``:
   ``W_E`` and ``W_L = W_out W_U``, and the sum of squared weights.
 * :func:`locate_phases` – memorisation / circuit formation / cleanup boundaries from the train and
   test loss curves, by a rule stated in its docstring.
-* :func:`ablate_embedding_frequencies`, :func:`loss_and_accuracy` – causal checks on the final model.
+* :func:`ablate_embedding_frequencies`, :func:`neuron_ablation_logits`, :func:`loss_and_accuracy` –
+  causal checks on the final model (the paper's §4.4 ablations); :func:`cos_terms_logits` – the
+  §4.2 approximation ``Σ_k α_k cos(w_k(a+b−c))`` of the logits.
+* :func:`phase_changes` – a progress measure at the phase boundaries and its rate of change per phase.
 * :func:`train_and_measure` / :func:`measure_run` / :func:`load_committed_result` – the whole
   pipeline, returning a :class:`GrokkingResult` (what the notebook uses in every profile).
 
@@ -277,6 +280,31 @@ def cos_terms_variance_explained(logits: Float[torch.Tensor, "p_sq p"], p: int, 
     return float(coefficients[chosen].pow(2).sum() / centred.pow(2).sum())
 
 
+def cos_terms_logits(logits: Float[torch.Tensor, "p_sq p"], p: int, frequencies: Sequence[int]
+                     ) -> Float[torch.Tensor, "p_sq p"]:
+    """The paper's logit approximation ``Σ_k α_k cos(w_k(a + b − c))`` over ``frequencies`` (§4.2),
+    with ``α_k`` fitted by least squares on all ``p² × p`` entries.
+
+    The ``cos(w_k(a + b − c))`` vectors are orthogonal to each other and to the constant, so the
+    least-squares coefficients (with or without an intercept) are the projections of
+    :func:`cos_difference_coefficients`; the returned logits are that fit (no constant: a constant
+    does not change the softmax)."""
+    for k in frequencies:
+        if not 1 <= int(k) <= n_frequencies(p):
+            raise ValueError(f"frequency {k} is not in 1 … {n_frequencies(p)} for p = {p}.")
+    if logits.shape != (p * p, p):
+        raise ValueError(f"cos_terms_logits expects logits of shape [p², p] = [{p * p}, {p}] (all inputs, the p "
+                         f"number outputs), got {tuple(logits.shape)}.")
+    coefficients = cos_difference_coefficients(logits, p)
+    x = torch.arange(p, dtype=torch.float64, device=logits.device)
+    phase = (x[:, None, None] + x[None, :, None] - x[None, None, :]).reshape(p * p, p)
+    out = torch.zeros(p * p, p, dtype=torch.float64, device=logits.device)
+    for k in frequencies:
+        direction = torch.cos(2 * math.pi * int(k) * phase / p)
+        out += coefficients[int(k) - 1] * direction / direction.norm()
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Progress measures over training
 # --------------------------------------------------------------------------------------------------
@@ -445,6 +473,32 @@ def locate_phases(
     return Phases(int(memorisation_end), int(start), int(end), grokked)
 
 
+PHASE_NAMES = ("memorisation", "circuit formation", "cleanup")
+
+
+def phase_changes(epochs: np.ndarray, values: np.ndarray, phases: Phases) -> dict[str, Any]:
+    """A progress measure at the phase boundaries and its change within each phase.
+
+    Returns ``at``: the value at epoch 0 and at the end of memorisation, start and end of cleanup
+    (the checkpoint at or after each epoch); ``change``: the change within memorisation,
+    circuit formation and cleanup (:data:`PHASE_NAMES`); ``rate``: that change per 1,000 epochs,
+    so that phases of different lengths can be compared ("rises sharply during cleanup").
+    """
+    epochs = np.asarray(epochs)
+    values = np.asarray(values, dtype=np.float64)
+    if epochs.ndim != 1 or values.shape != epochs.shape:
+        raise ValueError(f"phase_changes expects one value per checkpoint epoch: epochs {epochs.shape}, "
+                         f"values {values.shape}.")
+    bounds = [0, phases.memorisation_end, phases.cleanup_start, phases.cleanup_end]
+    if not all(a < b for a, b in zip(bounds, bounds[1:])) or bounds[-1] > epochs[-1] or epochs[0] > 0:
+        raise ValueError(f"phase_changes: the phase boundaries {bounds} must increase and lie within the "
+                         f"checkpoints (epochs {epochs[0]} … {epochs[-1]}).")
+    at = [float(values[np.searchsorted(epochs, e)]) for e in bounds]
+    change = {name: at[i + 1] - at[i] for i, name in enumerate(PHASE_NAMES)}
+    rate = {name: 1000.0 * change[name] / (bounds[i + 1] - bounds[i]) for i, name in enumerate(PHASE_NAMES)}
+    return {"epochs": bounds, "at": at, "change": change, "rate": rate}
+
+
 # --------------------------------------------------------------------------------------------------
 # Ablations on the trained model
 # --------------------------------------------------------------------------------------------------
@@ -481,13 +535,59 @@ def loss_and_accuracy(params: Mapping[str, torch.Tensor], data: ModularAdditionD
     return float(cross_entropy_float64(logits, labels)), float(accuracy(logits, labels))
 
 
+def neuron_ablation_logits(model: GrokkingTransformer, data: ModularAdditionData, frequencies: Sequence[int],
+                           *, mode: str, index: int = 0, ablate_skip_path: bool = False
+                           ) -> Float[torch.Tensor, "p_sq p"]:
+    """Number logits of model ``index`` on all ``p²`` inputs with its MLP neurons ablated in the
+    Fourier basis over inputs (the paper's §4.4 neuron-level ablations).
+
+    Each neuron's activation, as a function of ``(a, b)`` over all inputs, is split into its mean,
+    its components along ``cos(w_k(a+b))`` and ``sin(w_k(a+b))`` for ``k`` in ``frequencies``, and
+    the rest. ``mode="keep"`` keeps the mean and those components ("restrict each neuron's activation
+    to just the components ... of the form cos(w_k(a+b)) and sin(w_k(a+b)) in the key frequencies");
+    ``mode="remove"`` removes those components and keeps everything else. The neurons reach the
+    logits through the neuron-logit map ``W_L = W_out W_U``; the rest of the residual stream
+    (embedding + attention, and ``b_out``) is left as it is unless ``ablate_skip_path=True``, which
+    applies the same ablation to it — then the result equals :func:`restricted_logits` /
+    :func:`excluded_logits` of the full logits (the projection over inputs commutes with linear maps).
+
+    ``data.tokens`` must hold all ``p²`` inputs in the order ``a * p + b`` (as
+    :func:`~helpers.studies.grokking.training.make_dataset` builds them).
+    """
+    if mode not in ("keep", "remove"):
+        raise ValueError(f"neuron_ablation_logits(mode=...) must be 'keep' (only the frequencies' cos/sin(w(a+b)) "
+                         f"terms) or 'remove' (those terms ablated), got {mode!r}.")
+    p = data.p
+    if data.tokens.shape[0] != p * p:
+        raise ValueError(f"neuron_ablation_logits needs all p² = {p * p} inputs in data.tokens, got "
+                         f"{data.tokens.shape[0]}.")
+    if not frequencies:
+        raise ValueError("neuron_ablation_logits(frequencies=...) is empty: give the key frequencies to keep or remove.")
+    directions = sum_directions(p, frequencies, device=data.tokens.device)                    # [2K, p²]
+    cache: dict[str, torch.Tensor] = {}
+    params = {k: v[index:index + 1].detach() for k, v in model.params.items()}
+    with torch.no_grad():
+        forward(params, data.tokens, cache=cache)
+    W_U = params["W_U"][0, :, :p].double()
+    neurons = cache["mlp_post"][0].double()                                                   # [p², d_mlp]
+    skip = (cache["resid_mid"][0].double() + params["b_out"][0].double()) @ W_U             # [p², p]
+    W_L = params["W_out"][0].double() @ W_U                                                   # [d_mlp, p]
+
+    def ablate(values: torch.Tensor) -> torch.Tensor:
+        kept = directions.T @ (directions @ values)
+        return values.mean(dim=0, keepdim=True) + kept if mode == "keep" else values - kept
+
+    return (ablate(skip) if ablate_skip_path else skip) + ablate(neurons) @ W_L
+
+
 def ablation_summary(model: GrokkingTransformer, data: ModularAdditionData, key_frequencies: Sequence[int],
                      index: int = 0) -> list[dict[str, Any]]:
     """Loss and accuracy of model ``index`` under the key-frequency ablations, one dict per row.
 
     Rows: the full model and the restricted / excluded logits (all inputs, ``p`` number logits),
     then the full model, ``W_E`` without the key frequencies, and ``W_E`` with *only* the key
-    frequencies (and the constant), on the test inputs.
+    frequencies (and the constant), on the test inputs, then the neurons restricted to / stripped of
+    the key ``cos/sin(w(a+b))`` terms (:func:`neuron_ablation_logits`, all inputs).
     """
     p = data.p
     params = {k: v[index:index + 1].detach() for k, v in model.params.items()}
@@ -511,6 +611,10 @@ def ablation_summary(model: GrokkingTransformer, data: ModularAdditionData, key_
         params_row("W_E: key frequencies removed", ablate_embedding_frequencies(params, p, key_frequencies)),
         params_row("W_E: all other frequencies removed",
                    ablate_embedding_frequencies(params, p, key_frequencies, keep_only=True)),
+        logits_row("neurons: key cos/sin(w(a+b)) terms only (§4.4)",
+                   neuron_ablation_logits(model, data, key_frequencies, mode="keep", index=index)),
+        logits_row("neurons: key cos/sin(w(a+b)) terms removed (§4.4)",
+                   neuron_ablation_logits(model, data, key_frequencies, mode="remove", index=index)),
     ]
 
 
