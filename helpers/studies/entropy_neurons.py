@@ -948,8 +948,9 @@ def per_position_effects(
 
 def induction_summary(frame: pd.DataFrame, half_length: int) -> pd.DataFrame:
     """Means of :func:`per_position_effects` over the first half (positions predicting tokens
-    ``1..half_length-1`` of the random sequence — unpredictable) and the repeated half (predicting
-    the copy — predictable by induction). With BOS at position 0, position ``p`` predicts token ``p+1``."""
+    ``2..half_length`` of the first occurrence — not predictable by copying) and the repeated half
+    (positions ``half_length+1 ..``, predicting the copy — predictable by induction). With BOS at
+    position 0, position ``p`` predicts token ``p+1``."""
     first = frame[(frame.position >= 1) & (frame.position < half_length)]
     repeated = frame[frame.position >= half_length + 1]
     summary = pd.DataFrame({"first half": first.mean(numeric_only=True), "repeated half": repeated.mean(numeric_only=True)}).drop("position")
