@@ -7,6 +7,8 @@ correctly), and some tests plant neurons with known geometry.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -371,3 +373,235 @@ def test_final_norm_facts_detects_a_uniform_logit_shift():
     W_U[1, ::2] += 5.0  # now the strongest direction separates tokens instead
     facts = en.final_norm_facts(en.FinalReadout("rms", 1e-5, torch.ones(d_model), torch.zeros(d_model), W_U, torch.zeros(d_vocab)))
     assert facts["uncentred_top_direction_uniformity"] < 0.9
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's induction setup (clipped mean ablation on repeated text), token-frequency direct
+# effect, induction heads and BOS ablation
+# --------------------------------------------------------------------------------------------------
+
+
+def _entropy(logits):
+    logp = logits.double().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def _naive_edit_effects(model, batch, edit, clean, *, direction=None):
+    """Full forward passes with ``edit`` on the final layer's hook_post; total, frozen-scale (direct) and,
+    given a vocab ``direction``, total with the logits' component along its centred unit vector reset to
+    the clean value (the official ``adjust_vectors_3dim``). Per-token changes on ``clean.valid``."""
+    layer = model.cfg.n_layers - 1
+    logits0, cache = model.run_with_cache(batch.tokens, names_filter=lambda n: n == "ln_final.hook_scale")
+    scale = cache["ln_final.hook_scale"].clone()
+    hooks = [(f"blocks.{layer}.mlp.hook_post", edit)]
+    total = model.run_with_hooks(batch.tokens, fwd_hooks=hooks)
+    direct = model.run_with_hooks(batch.tokens, fwd_hooks=hooks + [("ln_final.hook_scale", lambda a, hook: scale)])
+    variants = {"total": total, "direct": direct}
+    if direction is not None:
+        u = direction - direction.mean()
+        u = u / u.norm()
+        variants["frozen"] = total + ((logits0 @ u) - (total @ u))[..., None] * u
+    targets = torch.cat([batch.tokens[:, 1:], batch.tokens[:, :1]], dim=1)
+    out = {}
+    for label, logits in variants.items():
+        logprobs = logits.double().log_softmax(-1)
+        loss = -logprobs.gather(-1, targets[..., None])[..., 0]
+        out[f"entropy_{label}"] = (_entropy(logits) - clean.entropy)[clean.valid].float()
+        out[f"loss_{label}"] = (loss - clean.loss)[clean.valid].float()
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:A forward hook edited hook_scale")
+@pytest.mark.parametrize("side", ["above", "below"])
+def test_clipped_ablation_matches_full_forward_passes(model, batch, side):
+    """Clipped ablation = the official strict_neurons_clipped_ablation_hook: min(a, v) ("above") or max(a, v)."""
+    neurons = [PLANTED_ENTROPY, 3]
+    clean = en.run_clean(model, batch, neurons)
+    values = [float(clean.activation(n)[clean.valid].median()) for n in neurons]  # about half the tokens clipped
+    effects = en.mean_ablation_effects(model, clean, neurons, values=values, clip=[side, side], token_chunk=9)
+    plain = en.mean_ablation_effects(model, clean, neurons, values=values)
+    for i, (neuron, value) in enumerate(zip(neurons, values)):
+        def edit(post, hook, neuron=neuron, value=value):
+            post = post.clone()
+            clip = torch.minimum if side == "above" else torch.maximum
+            post[..., neuron] = clip(post[..., neuron], torch.tensor(value))
+            return post
+
+        naive = _naive_edit_effects(model, batch, edit, clean)
+        untouched = (clean.activation(neuron)[clean.valid] <= value) if side == "above" else (clean.activation(neuron)[clean.valid] >= value)
+        assert 0 < int(untouched.sum()) < untouched.numel()  # some tokens clipped, some not
+        for key in ("entropy_total", "entropy_direct", "loss_total", "loss_direct"):
+            ours = getattr(effects, key)[i]
+            assert float(naive[key].abs().max()) > 1e-4, f"{key} of neuron {neuron} too small to test anything"
+            torch.testing.assert_close(ours, naive[key], atol=2e-4, rtol=1e-3)
+            assert float(ours[untouched].abs().max()) < 1e-5  # the clip leaves these tokens alone
+        assert not torch.allclose(effects.entropy_total[i], plain.entropy_total[i])
+    with pytest.raises(ValueError, match="clip"):
+        en.mean_ablation_effects(model, clean, neurons, values=values, clip=["above"])
+    with pytest.raises(ValueError, match="clip"):
+        en.mean_ablation_effects(model, clean, neurons, values=values, clip=["up", "down"])
+
+
+def test_frozen_logit_direction_matches_definition(model, batch):
+    log_unigram = torch.log_softmax(2 * torch.randn(model.cfg.d_vocab, generator=torch.Generator().manual_seed(3)), -1)
+    neurons = [PLANTED_ENTROPY, 3, 40]
+    clean = en.run_clean(model, batch, neurons, log_unigram=log_unigram)
+    values = [float(clean.neuron_means[n]) + 4.0 for n in neurons]
+    effects = en.mean_ablation_effects(model, clean, neurons, values=values, frozen_logit_direction=log_unigram, token_chunk=11)
+    assert effects.kl_frozen_direction is not None
+    for i, (neuron, value) in enumerate(zip(neurons, values)):
+        def edit(post, hook, neuron=neuron, value=value):
+            post = post.clone()
+            post[..., neuron] = value
+            return post
+
+        naive = _naive_edit_effects(model, batch, edit, clean, direction=log_unigram)
+        assert float((naive["loss_frozen"] - naive["loss_total"]).abs().max()) > 1e-4  # the freeze matters
+        torch.testing.assert_close(effects.loss_frozen_direction[i], naive["loss_frozen"], atol=2e-4, rtol=1e-3)
+        torch.testing.assert_close(effects.loss_total[i], naive["loss_total"], atol=2e-4, rtol=1e-3)
+    summary = effects.summary()
+    expected = 1 - effects.loss_frozen_direction.abs().mean(-1) / effects.loss_total.abs().mean(-1)
+    assert summary["loss_direction_share"].tolist() == pytest.approx(expected.tolist(), rel=1e-3, abs=1e-6)
+    # a constant shift of the direction changes nothing (it is centred first)
+    shifted = en.mean_ablation_effects(model, clean, neurons[:1], values=values[:1], frozen_logit_direction=log_unigram + 5.0)
+    torch.testing.assert_close(shifted.loss_frozen_direction[0], effects.loss_frozen_direction[0], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="d_vocab"):
+        en.mean_ablation_effects(model, clean, neurons, frozen_logit_direction=log_unigram[:-1])
+    with pytest.raises(ValueError, match="constant"):
+        en.mean_ablation_effects(model, clean, neurons, frozen_logit_direction=torch.ones(model.cfg.d_vocab))
+
+
+def test_repeated_text(model):
+    windows = load_corpus_tokens(model, 3, 12, seed=0)
+    repeated = en.repeated_text(windows, 7)
+    assert repeated.tokens.shape == (3, 15)
+    assert torch.equal(repeated.tokens[:, :8], windows.tokens[:, :8])
+    assert torch.equal(repeated.tokens[:, 8:], windows.tokens[:, 1:8])
+    assert bool((repeated.attention_mask == 1).all())
+    with pytest.raises(ValueError, match="at least"):
+        en.repeated_text(windows, 12)
+    with pytest.raises(TypeError):
+        en.repeated_text(windows.tokens, 5)
+
+
+def test_induction_ablation_values_by_hand(model):
+    half = 6
+    repeated = en.repeated_text(load_corpus_tokens(model, 4, half + 1, seed=1), half)
+    neurons = [PLANTED_ENTROPY, 3, 5, 12]
+    clean = en.run_clean(model, repeated, neurons)
+    values, sides = en.induction_ablation_values(clean, neurons, half)
+    for neuron, value, side in zip(neurons, values, sides):
+        activation = clean.activation(neuron)
+        first = activation[:, 1 : half + 1].mean()  # text of the first occurrence (BOS left out)
+        second = activation[:, half + 1 :].mean()
+        assert value == pytest.approx(float(first), rel=1e-5, abs=1e-6)
+        assert side == ("above" if second >= first else "below")
+    with pytest.raises(ValueError, match="positions"):
+        en.induction_ablation_values(clean, neurons, half + 1)
+
+
+def test_entropy_ratio_curve_and_largest_reduction_match_full_forward_passes(model):
+    """Fig. 5b: mean over sequences of H_ablated / H per position; the statistic is 1 − its minimum on the repeat."""
+    half = 6
+    repeated = en.repeated_text(load_corpus_tokens(model, 4, half + 1, seed=2), half)
+    neuron = PLANTED_ENTROPY
+    clean = en.run_clean(model, repeated, [neuron])
+    value = float(clean.activation(neuron)[:, 1:].median())
+    frame = en.per_position_effects(model, clean, neuron, value, clip="above")
+    layer = model.cfg.n_layers - 1
+
+    def edit(post, hook):
+        post = post.clone()
+        post[..., neuron] = torch.minimum(post[..., neuron], torch.tensor(value))
+        return post
+
+    with torch.no_grad():
+        h_clean = _entropy(model(repeated.tokens))[:, :-1]
+        h_ablated = _entropy(model.run_with_hooks(repeated.tokens, fwd_hooks=[(f"blocks.{layer}.mlp.hook_post", edit)]))[:, :-1]
+    ratio = h_ablated / h_clean
+    assert float((ratio - 1).abs().max()) > 1e-3
+    assert frame["entropy_ratio_total"].to_numpy() == pytest.approx(ratio.mean(0).numpy(), rel=5e-4, abs=1e-5)
+    assert frame["entropy_ratio_total_min"].to_numpy() == pytest.approx(ratio.min(0).values.numpy(), rel=5e-4, abs=1e-5)
+    stats = en.largest_entropy_reduction(frame, half)
+    assert stats["token"] > 1e-3  # something to compare
+    on_repeat = ratio[:, half + 1 :]
+    assert stats["curve"] == pytest.approx(float(1 - on_repeat.mean(0).min()), abs=5e-4)
+    assert stats["token"] == pytest.approx(float(1 - on_repeat.min()), abs=5e-4)
+    assert stats["mean"] == pytest.approx(float(1 - on_repeat.mean(0).mean()), abs=5e-4)
+    assert stats["token"] >= stats["curve"] >= stats["mean"] - 1e-9
+    with pytest.raises(ValueError, match="half_length"):
+        en.largest_entropy_reduction(frame, 2 * half)
+
+
+def test_induction_scores_match_a_naive_loop(model):
+    half = 5
+    batch = en.repeated_random_tokens(model, 3, half, seed=0)
+    scores = en.induction_scores(model, batch, half)
+    assert scores.shape == (model.cfg.n_layers, model.cfg.n_heads)
+    _, cache = model.run_with_cache(batch.tokens)
+    for layer in range(model.cfg.n_layers):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"]
+        for head in range(model.cfg.n_heads):
+            values = [float(pattern[b, head, q, q - half + 1]) for b in range(3) for q in range(half + 1, 2 * half + 1)]
+            assert float(scores[layer, head]) == pytest.approx(sum(values) / len(values), rel=1e-5, abs=1e-7)
+    with pytest.raises(ValueError, match="positions"):
+        en.induction_scores(model, batch, half + 1)
+
+
+def test_top_and_random_heads():
+    scores = torch.tensor([[0.1, 0.9, 0.2], [0.8, 0.0, 0.7]])
+    assert en.top_heads(scores, 3) == [(0, 1), (1, 0), (1, 2)]
+    with pytest.raises(ValueError):
+        en.top_heads(scores, 7)
+    drawn = en.random_heads((2, 3), 2, seed=0, layers=[0, 1], exclude=[(0, 1), (1, 0)])
+    assert len(set(drawn)) == 2 and not set(drawn) & {(0, 1), (1, 0)}
+    assert drawn == en.random_heads((2, 3), 2, seed=0, layers=[0, 1], exclude=[(0, 1), (1, 0)])
+    assert set(en.random_heads((2, 3), 3, seed=1, layers=[1])) == {(1, 0), (1, 1), (1, 2)}
+    with pytest.raises(ValueError, match="cannot draw"):
+        en.random_heads((2, 3), 3, seed=0, layers=[0], exclude=[(0, 0)])
+
+
+def test_bos_ablation_matches_one_forward_pass_per_position(model):
+    """The batched copies against the official loop: one full forward pass per (sequence, position), the
+    heads' pattern row at that position one-hot on BOS, activation and entropy read there."""
+    half = 4
+    batch = en.repeated_random_tokens(model, 2, half, seed=1)
+    heads = [(0, 1), (1, 0), (1, 2)] if model.cfg.n_heads > 2 else [(0, 1), (1, 0)]
+    neurons = [PLANTED_ENTROPY, 3]
+    positions = [2, 3, 5, 6, 7, 8]
+    result = en.bos_ablation(model, batch, heads, neurons, positions=positions, copies_per_pass=4)
+    final = f"blocks.{model.cfg.n_layers - 1}.mlp.hook_post"
+    changed = 0.0
+    for seq in range(2):
+        for i, p in enumerate(positions):
+            def to_bos(pattern, hook, layer):
+                pattern = pattern.clone()
+                for l, h in heads:
+                    if l == layer:
+                        pattern[:, h, p, :] = 0.0
+                        pattern[:, h, p, 0] = 1.0
+                return pattern
+
+            names = {f"blocks.{l}.attn.hook_pattern" for l, _ in heads}
+            with model.hooks(fwd_hooks=[(n, partial(to_bos, layer=int(n.split(".")[1]))) for n in names]):
+                logits, cache = model.run_with_cache(batch.tokens[seq : seq + 1])
+            expected = cache[final][0, p, neurons]
+            torch.testing.assert_close(result["activation"][seq, i], expected.float(), atol=1e-4, rtol=1e-4)
+            assert float(result["entropy"][seq, i]) == pytest.approx(float(_entropy(logits[0, p])), rel=1e-4, abs=1e-5)
+            changed = max(changed, float((expected - result["clean_activation"][seq, i]).abs().max()))
+            # the ablated head's output at p is its value vector at BOS (what attending only to BOS means)
+            l, h = heads[0]
+            v, z = cache[f"blocks.{l}.attn.hook_v"], cache[f"blocks.{l}.attn.hook_z"]
+            kv = h // (z.shape[2] // v.shape[2])
+            torch.testing.assert_close(z[0, p, h], v[0, 0, kv], atol=1e-5, rtol=1e-5)
+    assert changed > 1e-4  # the ablation moved the neuron
+    _, clean_cache = model.run_with_cache(batch.tokens)
+    torch.testing.assert_close(result["clean_activation"], clean_cache[final][:, positions][..., neurons].float())
+    summary = en.bos_ablation_summary({"heads": result}, neuron_index=0)
+    assert summary.loc[0, "activation change"] == pytest.approx(
+        float(result["activation"][..., 0].mean() - result["clean_activation"][..., 0].mean()), abs=1e-6)
+    assert len(en.bos_ablation_figure({"heads": result}, "x", half_length=half).data) == 2
+    with pytest.raises(ValueError, match="positions"):
+        en.bos_ablation(model, batch, heads, neurons, positions=[0])
+    with pytest.raises(ValueError, match="heads"):
+        en.bos_ablation(model, batch, [(model.cfg.n_layers, 0)], neurons)

@@ -40,9 +40,15 @@ The method, as implemented here (every step works on any TransformerLens bridge)
 5. **Token frequency** (:func:`unigram_distribution`, :func:`frequency_scores`): the unigram
    distribution of the corpus, the centred log-frequency vector over the vocabulary, its residual
    direction (:func:`unigram_direction`) and each neuron's cosine with it through ``W_eff``.
-6. **Induction** (:func:`repeated_random_tokens`, :func:`per_position_effects`): random tokens
-   repeated once; the second half is predictable by induction, so confidence rises — the paper
-   finds an entropy neuron that fires there and *raises* entropy (hedging).
+6. **Induction** (:func:`repeated_text`, :func:`induction_ablation_values`, :func:`per_position_effects`,
+   :func:`largest_entropy_reduction`): corpus text repeated once, as the official code does; the repeat
+   is predictable by induction, so confidence rises — the paper finds an entropy neuron that fires
+   there and *raises* entropy (hedging); clip-mean-ablating it lowers the entropy on the repeat.
+   ``mean_ablation_effects(frozen_logit_direction=...)`` gives token-frequency neurons' "direct"
+   effect with the logits' unigram component frozen (Fig. 4c).
+7. **Induction heads drive it** (:func:`induction_scores` on :func:`repeated_random_tokens`,
+   :func:`bos_ablation`): sending the top induction heads' attention to BOS at a position lowers the
+   entropy neuron's activation there (Fig. 5c).
 
 Neurons are named as in the paper, ``"{layer}.{neuron}"`` (``"11.584"``).
 """
@@ -50,6 +56,7 @@ Neurons are named as in the paper, ``"{layer}.{neuron}"`` (``"11.584"``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -60,6 +67,9 @@ from tqdm.auto import tqdm
 
 from helpers.models import norm_eps, norm_gain, post_sublayer_norm
 from helpers.prompts import TokenBatch
+
+ClipSide = Literal["none", "above", "below"]
+CLIP_SIDES: tuple[str, ...] = ("none", "above", "below")
 
 # --------------------------------------------------------------------------------------------------
 # The final norm and the unembedding
@@ -534,6 +544,11 @@ class AblationEffects:
     loss_direct: Float[torch.Tensor, "n_neurons n_tokens"]
     kl_total: Float[torch.Tensor, "n_neurons n_tokens"] | None = None
     kl_direct: Float[torch.Tensor, "n_neurons n_tokens"] | None = None
+    loss_frozen_direction: Float[torch.Tensor, "n_neurons n_tokens"] | None = None
+    """With ``frozen_logit_direction``: the total effect with the logits' component along that (vocab)
+    direction reset to its clean value — the paper's "direct effect" for token-frequency neurons
+    (``DE_freq``, Fig. 4c), with the direction = the centred log-unigram vector."""
+    kl_frozen_direction: Float[torch.Tensor, "n_neurons n_tokens"] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -542,7 +557,9 @@ class AblationEffects:
     def summary(self, groups: dict[str, Sequence[int]] | None = None) -> pd.DataFrame:
         """One row per neuron: mean and mean-absolute total/direct effects on entropy and loss (and KL
         to the unigram distribution), and the norm-mediated share of each (:func:`norm_mediated_share`).
-        ``groups`` maps a label (``"entropy candidate"``, ``"random"``) to neurons, for a ``group`` column."""
+        ``groups`` maps a label (``"entropy candidate"``, ``"random"``) to neurons, for a ``group`` column.
+        With a frozen logit direction also ``loss_abs_direction_frozen`` (``DE_freq``) and
+        ``loss_direction_share`` = ``1 − DE_freq / TE`` (mean |Δloss|), the paper's Fig. 4c x-axis."""
         rows = []
         for i, neuron in enumerate(self.neurons):
             row: dict[str, Any] = {"neuron": neuron, "name": self.names[i]}
@@ -557,6 +574,13 @@ class AblationEffects:
                 row[f"{metric}_abs_total"] = float(total[i].abs().mean())
                 row[f"{metric}_abs_direct"] = float(direct[i].abs().mean())
                 row[f"{metric}_norm_share"] = float(norm_mediated_share(total[i], direct[i]))
+            if self.loss_frozen_direction is not None:
+                # the paper's Fig. 4c x-axis: 1 − DE_freq / TE, both mean |Δloss| over tokens
+                frozen = float(self.loss_frozen_direction[i].abs().mean())
+                row["loss_abs_direction_frozen"] = frozen
+                row["loss_direction_share"] = 1.0 - frozen / max(row["loss_abs_total"], 1e-12)
+            if self.kl_frozen_direction is not None:
+                row["kl_unigram_abs_direction_frozen"] = float(self.kl_frozen_direction[i].abs().mean())
             rows.append(row)
         return pd.DataFrame(rows)
 
@@ -582,6 +606,8 @@ def mean_ablation_effects(
     neurons: Sequence[int],
     *,
     values: Sequence[float] | None = None,
+    clip: Sequence[ClipSide] | None = None,
+    frozen_logit_direction: Float[torch.Tensor, "d_vocab"] | None = None,
     max_tokens: int | None = None,
     token_chunk: int = 512,
 ) -> AblationEffects:
@@ -605,6 +631,15 @@ def mean_ablation_effects(
         clean: from :func:`run_clean`; every neuron in ``neurons`` must have been tracked.
         neurons: final-layer neuron indices.
         values: the ablation values (default: ``clean.neuron_means``, i.e. mean ablation).
+        clip: one :data:`ClipSide` per neuron (default: all ``"none"``): ``"above"`` lowers only the
+            activations above the value to it (``min(a, value)``), ``"below"`` raises only those
+            below it (``max(a, value)``) — the official code's *clipped* mean ablation of the
+            induction case study (``strict_neurons_clipped_ablation_hook``); ``"none"`` sets every
+            activation to the value.
+        frozen_logit_direction: a vector over the vocabulary (e.g. the log-unigram distribution);
+            when given, also the total effect with the logits' component along its centred unit
+            vector reset to the clean value (``loss_frozen_direction``, ``kl_frozen_direction``;
+            the official code's ``adjust_vectors_3dim`` on the ablated logits).
         max_tokens: use only the first ``max_tokens`` valid tokens (the cost is linear in tokens ×
             neurons); ``None``: all.
         token_chunk: tokens per chunk (a chunk's logits are ``token_chunk × d_vocab`` floats).
@@ -624,6 +659,18 @@ def mean_ablation_effects(
     ablate_to = clean.neuron_means[neurons] if values is None else torch.as_tensor(values, dtype=torch.float32)
     if ablate_to.shape != (len(neurons),):
         raise ValueError(f"values must have one entry per neuron ({len(neurons)}), got shape {tuple(ablate_to.shape)}.")
+    sides = ["none"] * len(neurons) if clip is None else list(clip)
+    if len(sides) != len(neurons) or any(side not in CLIP_SIDES for side in sides):
+        raise ValueError(f"clip must give one of {CLIP_SIDES} per neuron ({len(neurons)}), got {clip!r}.")
+    direction = None
+    if frozen_logit_direction is not None:
+        direction = frozen_logit_direction.float().cpu().flatten()
+        if direction.shape != (readout.W_U.shape[1],):
+            raise ValueError(f"frozen_logit_direction must have d_vocab = {readout.W_U.shape[1]} entries, got {tuple(frozen_logit_direction.shape)}.")
+        direction = direction - direction.mean()
+        if float(direction.norm()) == 0:
+            raise ValueError("frozen_logit_direction is constant over the vocabulary: it has no direction once centred.")
+        direction = direction / direction.norm()
     mask = clean.valid.clone()
     if max_tokens is not None:
         if max_tokens < 1:
@@ -640,9 +687,14 @@ def mean_ablation_effects(
     acts = torch.stack([clean.activation(n)[mask] for n in neurons])  # [n, T]
     next_tokens = torch.cat([clean.tokens[:, 1:], torch.full_like(clean.tokens[:, :1], -1)], dim=1)[mask]
     delta = ablate_to[:, None] - acts  # [n, T]
+    for i, side in enumerate(sides):  # clipped ablation: only activations on one side of the value move
+        if side == "above":
+            delta[i] = delta[i].clamp(max=0.0)
+        elif side == "below":
+            delta[i] = delta[i].clamp(min=0.0)
     bias_logits = readout.bias_logits
     log_q = clean.log_unigram
-    out = {k: torch.zeros(len(neurons), resid.shape[0]) for k in ("ht", "hd", "lt", "ld", "kt", "kd")}
+    out = {k: torch.zeros(len(neurons), resid.shape[0]) for k in ("ht", "hd", "lt", "ld", "kt", "kd", "lf", "kf")}
     base_entropy, base_loss = clean.entropy[mask], clean.loss[mask]
     base_kl = clean.kl_unigram[mask] if clean.kl_unigram is not None else None
     centred_resid = readout.center(resid)
@@ -651,6 +703,8 @@ def mean_ablation_effects(
         rows = slice(start, start + token_chunk)
         x, s = resid[rows], scale[rows]
         z0 = readout.logits(x, scale=s) - bias_logits  # clean logits without the bias part
+        if direction is not None:
+            clean_along = (z0 + bias_logits) @ direction  # [chunk]: the clean logits' component along it
         xc = centred_resid[rows]
         if post is not None:
             out_logits = (centred_out[rows] * readout.weight) @ readout.W_U  # L(o), shared by every neuron
@@ -677,6 +731,12 @@ def mean_ablation_effects(
                 if has_bias:
                     logits += bias_logits
                 h, loss, kl = _per_token_stats(logits, next_tokens[rows], log_q)
+                if kind == "total" and direction is not None:  # reset the component along the direction
+                    logits.addr_(clean_along - logits @ direction, direction)
+                    _, loss_f, kl_f = _per_token_stats(logits, next_tokens[rows], log_q)
+                    out["lf"][i, rows] = loss_f - base_loss[rows]
+                    if kl_f is not None and base_kl is not None:
+                        out["kf"][i, rows] = kl_f - base_kl[rows]
                 del logits
                 out[kh][i, rows] = h - base_entropy[rows]
                 out[kl_][i, rows] = loss - base_loss[rows]
@@ -693,6 +753,8 @@ def mean_ablation_effects(
         loss_direct=out["ld"],
         kl_total=out["kt"] if has_kl else None,
         kl_direct=out["kd"] if has_kl else None,
+        loss_frozen_direction=out["lf"] if direction is not None else None,
+        kl_frozen_direction=out["kf"] if direction is not None and has_kl else None,
     )
 
 
@@ -792,42 +854,103 @@ def repeated_random_tokens(
     return TokenBatch(tokens.to(device), torch.ones_like(tokens).to(device), "right")
 
 
+def repeated_text(windows: TokenBatch, half_length: int) -> TokenBatch:
+    """``[BOS] t₁…tₙ t₁…tₙ`` from corpus windows ``[BOS] t₁ t₂ …``: the first ``n = half_length`` text
+    tokens of each window, repeated once — the official code's induction data (``case_studies/induction.py``:
+    ``cat(w[:100], w[1:100])`` of 256-token C4 windows, i.e. ``n = 99``, 199 tokens).
+
+    Raises:
+        ValueError: windows shorter than ``half_length + 1`` tokens, padded windows, or ``half_length < 2``.
+    """
+    if not isinstance(windows, TokenBatch):
+        raise TypeError(f"windows must be a TokenBatch (helpers.corpus.load_corpus_tokens), got {type(windows).__name__}.")
+    if half_length < 2 or windows.tokens.shape[1] < half_length + 1:
+        raise ValueError(f"need half_length >= 2 and windows of at least half_length + 1 = {half_length + 1} tokens "
+                         f"(BOS + text), got half_length={half_length} and windows of {windows.tokens.shape[1]}.")
+    if not bool((windows.attention_mask == 1).all()):
+        raise ValueError("windows must be unpadded (attention_mask all ones): use helpers.corpus.load_corpus_tokens.")
+    tokens = torch.cat([windows.tokens[:, : half_length + 1], windows.tokens[:, 1 : half_length + 1]], dim=1)
+    return TokenBatch(tokens, torch.ones_like(tokens), "right")
+
+
+def _halves(half_length: int) -> tuple[slice, slice]:
+    """Positions of ``[BOS] t₁…tₙ t₁…tₙ``: the first occurrence's text tokens ``1..n`` and the repeat
+    ``n+1..2n`` (the tokens there have been seen before; each predicts the copy of what followed them)."""
+    return slice(1, half_length + 1), slice(half_length + 1, 2 * half_length + 1)
+
+
+def induction_ablation_values(clean: CleanRun, neurons: Sequence[int], half_length: int) -> tuple[list[float], list[ClipSide]]:
+    """The clipped-mean ablation of the official induction code, per neuron: the value is the neuron's
+    mean activation on the first occurrence (no induction there), and the side is ``"above"`` when the
+    neuron fires more on the repeat than on the first occurrence (its activations above the mean are
+    clipped down to it) and ``"below"`` otherwise (``strict_neurons_clipped_ablation_hook``, sign of
+    ``weighted_diff``).
+
+    Means are over sequences and the text positions ``1..n`` of the first occurrence, resp. ``n+1..2n``.
+    The official code's mean also counts the BOS position; we leave it out, as everywhere in this study
+    (the embedded model's final-layer activations at BOS are hundreds of times their typical size).
+    """
+    first, repeat = _halves(half_length)
+    if clean.tokens.shape[1] != 2 * half_length + 1:
+        raise ValueError(f"the clean run must be on [BOS] + 2 × {half_length} tokens (repeated_text), got {clean.tokens.shape[1]} positions.")
+    values, sides = [], []
+    for neuron in neurons:
+        activation = clean.activation(int(neuron))
+        mean_first = float(activation[:, first].mean())
+        values.append(mean_first)
+        sides.append("above" if float(activation[:, repeat].mean()) >= mean_first else "below")
+    return values, sides
+
+
 def per_position_effects(
     model: Any,
     clean: CleanRun,
     neuron: int,
     value: float,
+    *,
+    clip: ClipSide = "none",
 ) -> pd.DataFrame:
-    """Per position (averaged over sequences): the neuron's activation, clean entropy and loss, and the
-    total and direct change in entropy and loss when it is set to ``value``. Uses every position that
-    has a next token (including BOS's prediction), so positions line up across sequences."""
+    """Per position (averaged over sequences): the neuron's activation, clean entropy and loss, the
+    total and direct change in entropy and loss when it is set to ``value`` (clipped on one side with
+    ``clip``, see :func:`mean_ablation_effects`), and the ratio ablated / clean entropy (total and
+    direct; the mean over sequences of the per-token ratio, as the official code's Fig. 5b curve
+    ``entropy_post_ablation/entropy``; ``entropy_ratio_total_min`` is the smallest over sequences).
+    Uses every position that has a next token (including BOS's prediction), so positions line up
+    across sequences."""
     valid_all = torch.ones_like(clean.valid)
     valid_all[:, -1] = False
     everything = CleanRun(**{**clean.__dict__, "valid": valid_all})
-    effects = mean_ablation_effects(model, everything, [neuron], values=[value])
+    effects = mean_ablation_effects(model, everything, [neuron], values=[value], clip=[clip])
     n_seq, n_pos = clean.tokens.shape[0], clean.tokens.shape[1] - 1
+    entropy = clean.entropy[:, :-1]
 
-    def per_pos(t: torch.Tensor) -> np.ndarray:
-        return t.reshape(n_seq, n_pos).mean(0).numpy()
+    def grid(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(n_seq, n_pos)
 
+    ratio_total = (entropy + grid(effects.entropy_total[0])) / entropy.clamp_min(1e-12)
+    ratio_direct = (entropy + grid(effects.entropy_direct[0])) / entropy.clamp_min(1e-12)
     return pd.DataFrame(
         {
             "position": np.arange(n_pos),
             "activation": clean.activation(neuron)[:, :-1].mean(0).numpy(),
-            "entropy": clean.entropy[:, :-1].mean(0).numpy(),
+            "entropy": entropy.mean(0).numpy(),
             "loss": clean.loss[:, :-1].mean(0).numpy(),
-            "entropy_change_total": per_pos(effects.entropy_total[0]),
-            "entropy_change_direct": per_pos(effects.entropy_direct[0]),
-            "loss_change_total": per_pos(effects.loss_total[0]),
-            "loss_change_direct": per_pos(effects.loss_direct[0]),
+            "entropy_change_total": grid(effects.entropy_total[0]).mean(0).numpy(),
+            "entropy_change_direct": grid(effects.entropy_direct[0]).mean(0).numpy(),
+            "loss_change_total": grid(effects.loss_total[0]).mean(0).numpy(),
+            "loss_change_direct": grid(effects.loss_direct[0]).mean(0).numpy(),
+            "entropy_ratio_total": ratio_total.mean(0).numpy(),
+            "entropy_ratio_direct": ratio_direct.mean(0).numpy(),
+            "entropy_ratio_total_min": ratio_total.min(0).values.numpy(),
         }
     )
 
 
 def induction_summary(frame: pd.DataFrame, half_length: int) -> pd.DataFrame:
     """Means of :func:`per_position_effects` over the first half (positions predicting tokens
-    ``1..half_length-1`` of the random sequence — unpredictable) and the repeated half (predicting
-    the copy — predictable by induction). With BOS at position 0, position ``p`` predicts token ``p+1``."""
+    ``2..half_length`` of the first occurrence — not predictable by copying) and the repeated half
+    (positions ``half_length+1 ..``, predicting the copy — predictable by induction). With BOS at
+    position 0, position ``p`` predicts token ``p+1``."""
     first = frame[(frame.position >= 1) & (frame.position < half_length)]
     repeated = frame[frame.position >= half_length + 1]
     summary = pd.DataFrame({"first half": first.mean(numeric_only=True), "repeated half": repeated.mean(numeric_only=True)}).drop("position")
@@ -842,25 +965,191 @@ def relative_entropy_change(frame: pd.DataFrame, half_length: int, column: str =
     return float(repeated[column].mean() / repeated["entropy"].mean())
 
 
-def pick_induction_neuron(model: Any, clean: CleanRun, candidates: Sequence[int], values: Sequence[float], half_length: int) -> tuple[int, pd.DataFrame]:
-    """The candidate whose mean ablation lowers entropy on the repeated half the most (relative to
+def largest_entropy_reduction(frame: pd.DataFrame, half_length: int) -> dict[str, float]:
+    """The paper's "up to 70 %" statistic and two companions, from :func:`per_position_effects` on the
+    repeat (positions ``n+1 ..``):
+
+    * ``"curve"``: ``1 − min over positions of the mean-over-sequences ratio ablated/clean entropy``
+      — the lowest point of the official Fig. 5b curve (``entropy_post_ablation/entropy`` averaged per
+      position over sequences), i.e. what "reduces entropy by up to 70 %" reads off;
+    * ``"token"``: ``1 − the smallest per-token ratio`` over all sequences and positions of the repeat
+      (a max over tokens, larger than the curve's);
+    * ``"mean"``: ``1 − the mean ratio`` over the repeat's positions.
+    """
+    repeated = frame[frame.position >= half_length + 1]
+    if repeated.empty:
+        raise ValueError(f"the frame has no position >= half_length + 1 = {half_length + 1}: wrong half_length?")
+    return {"curve": float(1 - repeated["entropy_ratio_total"].min()),
+            "token": float(1 - repeated["entropy_ratio_total_min"].min()),
+            "mean": float(1 - repeated["entropy_ratio_total"].mean())}
+
+
+def pick_induction_neuron(
+    model: Any,
+    clean: CleanRun,
+    candidates: Sequence[int],
+    values: Sequence[float],
+    half_length: int,
+    *,
+    clip: Sequence[ClipSide] | None = None,
+) -> tuple[int, pd.DataFrame]:
+    """The candidate whose (clipped) ablation lowers entropy on the repeated half the most (relative to
     the clean entropy there) — the role the paper's 11.2378 plays — and a table of all candidates."""
+    sides = ["none"] * len(candidates) if clip is None else list(clip)
     rows = []
-    for neuron, value in zip(candidates, values):
-        frame = per_position_effects(model, clean, neuron, value)
+    for neuron, value, side in zip(candidates, values, sides):
+        frame = per_position_effects(model, clean, neuron, value, clip=side)
         summary = induction_summary(frame, half_length)
         rows.append({
             "neuron": neuron,
             "name": neuron_name(model.cfg.n_layers - 1, neuron),
+            "clip": side,
             "activation first half": summary.loc["activation", "first half"],
             "activation repeated half": summary.loc["activation", "repeated half"],
             "entropy change (total), repeated half": summary.loc["entropy_change_total", "repeated half"],
             "entropy change (direct), repeated half": summary.loc["entropy_change_direct", "repeated half"],
             "relative entropy change, repeated half": relative_entropy_change(frame, half_length),
+            "largest entropy reduction (Fig. 5b curve)": largest_entropy_reduction(frame, half_length)["curve"],
         })
     table = pd.DataFrame(rows)
     best = int(table.loc[table["relative entropy change, repeated half"].idxmin(), "neuron"])
     return best, table
+
+
+# --------------------------------------------------------------------------------------------------
+# Induction heads and their attention to BOS (the paper's Fig. 5c)
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def induction_scores(model: Any, batch: TokenBatch, half_length: int) -> Float[torch.Tensor, "n_layers n_heads"]:
+    """Induction score of every (query) head on ``[BOS] r r`` (:func:`repeated_random_tokens`): the mean
+    attention from each position ``q`` of the repeat (``n+1..2n``) to ``q − n + 1``, the token that
+    followed the previous occurrence of ``q``'s token — what an induction head attends to (the
+    official code ranks heads by this score on repeated random tokens, ``generate_induction_df``)."""
+    if batch.tokens.shape[1] != 2 * half_length + 1:
+        raise ValueError(f"batch must be [BOS] + 2 × {half_length} tokens (repeated_random_tokens), got {batch.tokens.shape[1]} positions.")
+    names = {f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)}
+    _, cache = model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask, names_filter=lambda n: n in names)
+    queries = torch.arange(half_length + 1, 2 * half_length + 1)
+    scores = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
+    for layer in range(model.cfg.n_layers):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"].float().cpu()  # [batch, head, query, key]
+        scores[layer] = pattern[:, :, queries, queries - half_length + 1].mean(dim=(0, 2))
+    return scores
+
+
+def top_heads(scores: Float[torch.Tensor, "n_layers n_heads"], k: int) -> list[tuple[int, int]]:
+    """The ``k`` heads with the largest score, best first, as ``(layer, head)``."""
+    if not 1 <= k <= scores.numel():
+        raise ValueError(f"k must be in 1..{scores.numel()}, got {k}.")
+    flat = scores.flatten().topk(k).indices.tolist()
+    return [divmod(int(i), scores.shape[1]) for i in flat]
+
+
+def random_heads(
+    n_layers_heads: tuple[int, int],
+    n: int,
+    *,
+    seed: int,
+    layers: Sequence[int],
+    exclude: Sequence[tuple[int, int]] = (),
+) -> list[tuple[int, int]]:
+    """``n`` distinct heads drawn uniformly (seeded) from ``layers``, skipping ``exclude`` — baselines for
+    :func:`bos_ablation` (the official code's baselines are non-induction heads of the induction heads' layers)."""
+    n_layers, n_heads = n_layers_heads
+    excluded = {tuple(h) for h in exclude}
+    pool = [(int(l), h) for l in sorted(set(layers)) for h in range(n_heads) if (int(l), h) not in excluded]
+    if any(not 0 <= int(l) < n_layers for l in layers) or not 1 <= n <= len(pool):
+        raise ValueError(f"cannot draw {n} heads from layers {list(layers)} ({len(pool)} left after excluding {len(excluded)}).")
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]
+    return sorted(pool[i] for i in order.tolist())
+
+
+@torch.no_grad()
+def bos_ablation(
+    model: Any,
+    batch: TokenBatch,
+    heads: Sequence[tuple[int, int]],
+    neurons: Sequence[int],
+    *,
+    positions: Sequence[int] | None = None,
+    copies_per_pass: int = 16,
+) -> dict[str, torch.Tensor]:
+    """BOS ablation of ``heads`` (the paper's Fig. 5c; official ``bos_ablate_attn_heads``): at one query
+    position ``p`` the heads attend only to BOS (their pattern row ``p`` becomes one-hot on key 0), every
+    other position runs clean, and the activations of the final-layer ``neurons`` and the entropy are read
+    at ``p``. One forward pass per (sequence, position) in the official code; here each sequence runs as
+    a batch of copies, copy ``i`` ablating position ``positions[i]`` and cut after the last position
+    its chunk needs (causal attention: later tokens cannot change position ``p``).
+
+    Returns ``"activation"`` ``[batch, n_positions, n_neurons]``, ``"entropy"`` ``[batch, n_positions]``
+    (ablated) and the same for the clean run (``"clean_activation"``, ``"clean_entropy"``), plus
+    ``"positions"``.
+    """
+    if not bool((batch.attention_mask == 1).all()):
+        raise ValueError("bos_ablation needs unpadded sequences (attention_mask all ones).")
+    n_pos = batch.tokens.shape[1]
+    positions = list(range(1, n_pos)) if positions is None else [int(p) for p in positions]
+    if not positions or any(not 1 <= p < n_pos for p in positions):
+        raise ValueError(f"positions must be in 1..{n_pos - 1} (0 is BOS itself), got {positions}.")
+    heads = [(int(l), int(h)) for l, h in heads]
+    if not heads or any(not (0 <= l < model.cfg.n_layers and 0 <= h < model.cfg.n_heads) for l, h in heads):
+        raise ValueError(f"heads must be (layer, head) pairs of this model ({model.cfg.n_layers} × {model.cfg.n_heads}), got {heads}.")
+    neurons = [int(n) for n in neurons]
+    final = f"blocks.{model.cfg.n_layers - 1}.mlp.hook_post"
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(layer, []).append(head)
+    index = torch.tensor(positions)
+    store: dict[str, torch.Tensor] = {}
+
+    def keep(post: torch.Tensor, hook: Any) -> torch.Tensor:
+        store["post"] = post[..., neurons].detach().float().cpu()
+        return post
+
+    logits, cache = model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask, names_filter=lambda n: n == final)
+    clean_activation = cache[final][:, index][..., neurons].float().cpu()
+    clean_entropy = token_entropy(logits[:, index]).cpu()
+    del cache, logits
+    activation = torch.zeros(len(batch), len(positions), len(neurons))
+    entropy = torch.zeros(len(batch), len(positions))
+    chunks = [list(range(i, min(i + copies_per_pass, len(positions)))) for i in range(0, len(positions), copies_per_pass)]
+    for seq in tqdm(range(len(batch)), desc="BOS ablation", leave=False):
+        for chunk in chunks:
+            chunk_positions = index[chunk]
+            length = int(chunk_positions.max()) + 1
+            tokens = batch.tokens[seq : seq + 1, :length].repeat(len(chunk), 1)
+            rows = torch.arange(len(chunk))
+
+            def to_bos(pattern: torch.Tensor, hook: Any, layer_heads: list[int] = []) -> torch.Tensor:
+                pattern = pattern.clone()
+                for head in layer_heads:  # [batch, head, query, key]: row p of copy i -> one-hot on BOS
+                    pattern[rows, head, chunk_positions] = 0.0
+                    pattern[rows, head, chunk_positions, 0] = 1.0
+                return pattern
+
+            hooks = [(f"blocks.{layer}.attn.hook_pattern", partial(to_bos, layer_heads=layer_heads))
+                     for layer, layer_heads in by_layer.items()]
+            out = model.run_with_hooks(tokens, fwd_hooks=hooks + [(final, keep)])
+            activation[seq, chunk] = store["post"][rows, chunk_positions]
+            entropy[seq, chunk] = token_entropy(out[rows, chunk_positions][:, None])[:, 0].cpu()
+    return {"positions": index, "activation": activation, "entropy": entropy,
+            "clean_activation": clean_activation, "clean_entropy": clean_entropy}
+
+
+def bos_ablation_summary(results: dict[str, dict[str, torch.Tensor]], neuron_index: int = 0) -> pd.DataFrame:
+    """One row per ablated head set (label → :func:`bos_ablation` output): the mean activation of neuron
+    ``neuron_index`` (of the ones passed) over the ablated positions, clean and ablated, its change, and
+    the mean entropy change."""
+    rows = []
+    for label, result in results.items():
+        clean = float(result["clean_activation"][..., neuron_index].mean())
+        ablated = float(result["activation"][..., neuron_index].mean())
+        rows.append({"heads": label, "activation clean": clean, "activation ablated": ablated,
+                     "activation change": ablated - clean,
+                     "entropy change": float((result["entropy"] - result["clean_entropy"]).mean())})
+    return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -925,23 +1214,49 @@ def effects_figure(summary: pd.DataFrame, metric: str = "entropy", *, title: str
 
 
 def induction_figure(frame: pd.DataFrame, half_length: int, name: str, *, title: str = "") -> Any:
-    """Per position of ``[BOS] r r``: the neuron's activation (top) and the entropy, clean and with
-    the neuron mean-ablated (total, direct) (bottom); the repeat starts at the dashed line."""
+    """The paper's Fig. 5a/b on ``[BOS] t t``, per position (means over sequences): the neuron's
+    activation; the clean entropy and loss; and the ratio ablated / clean entropy with the neuron
+    (clipped-)mean-ablated, total and direct (final-norm scale frozen). The repeat starts at the dashed line."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
-                        subplot_titles=(f"activation of {name}", "entropy of the next-token distribution (nats)"))
+    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.07,
+                        subplot_titles=(f"activation of {name}", "clean entropy and loss (nats)",
+                                        "entropy after ablation / clean entropy"))
     fig.add_trace(go.Scatter(x=frame["position"], y=frame["activation"], mode="lines", name=f"{name} activation"), 1, 1)
-    fig.add_trace(go.Scatter(x=frame["position"], y=frame["entropy"], mode="lines", name="clean"), 2, 1)
-    fig.add_trace(go.Scatter(x=frame["position"], y=frame["entropy"] + frame["entropy_change_total"], mode="lines",
-                             name=f"{name} mean-ablated (total)"), 2, 1)
-    fig.add_trace(go.Scatter(x=frame["position"], y=frame["entropy"] + frame["entropy_change_direct"], mode="lines",
-                             line=dict(dash="dot"), name=f"{name} mean-ablated (direct: norm scale frozen)"), 2, 1)
-    for row in (1, 2):
+    fig.add_trace(go.Scatter(x=frame["position"], y=frame["entropy"], mode="lines", name="entropy"), 2, 1)
+    fig.add_trace(go.Scatter(x=frame["position"], y=frame["loss"], mode="lines", name="loss"), 2, 1)
+    fig.add_trace(go.Scatter(x=frame["position"], y=frame["entropy_ratio_total"], mode="lines",
+                             name=f"{name} ablated (total)"), 3, 1)
+    fig.add_trace(go.Scatter(x=frame["position"], y=frame["entropy_ratio_direct"], mode="lines", line=dict(dash="dot"),
+                             name=f"{name} ablated (direct: norm scale frozen)"), 3, 1)
+    for row in (1, 2, 3):
         fig.add_vline(x=half_length + 0.5, line_dash="dash", line_color="grey", row=row, col=1)
-    fig.update_layout(title=title or f"Induction on repeated random tokens: {name}", template="plotly_white",
-                      xaxis2_title="position", height=600, legend=dict(orientation="h", y=-0.15))
+    fig.add_hline(y=1.0, line_color="lightgrey", row=3, col=1)
+    fig.update_layout(title=title or f"Induction on repeated text: {name}", template="plotly_white",
+                      xaxis3_title="position", height=750, legend=dict(orientation="h", y=-0.12))
+    return fig
+
+
+def bos_ablation_figure(results: dict[str, dict[str, torch.Tensor]], name: str, *, half_length: int | None = None,
+                        neuron_index: int = 0, title: str = "") -> Any:
+    """The paper's Fig. 5c: per position, the neuron's mean activation (over sequences) clean and with each
+    head set BOS-ablated (label → :func:`bos_ablation` output)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    first = next(iter(results.values()))
+    x = first["positions"].numpy()
+    fig.add_trace(go.Scatter(x=x, y=first["clean_activation"][..., neuron_index].mean(0).numpy(), mode="lines",
+                             name="clean", line=dict(color="black")))
+    for label, result in results.items():
+        fig.add_trace(go.Scatter(x=result["positions"].numpy(), y=result["activation"][..., neuron_index].mean(0).numpy(),
+                                 mode="lines", name=f"BOS-ablated: {label}"))
+    if half_length is not None:
+        fig.add_vline(x=half_length + 0.5, line_dash="dash", line_color="grey")
+    fig.update_layout(title=title or f"{name} activation with induction heads' attention sent to BOS",
+                      xaxis_title="position", yaxis_title=f"{name} activation", template="plotly_white",
+                      legend=dict(orientation="h", y=-0.2))
     return fig
 
 
