@@ -1,6 +1,7 @@
 # mechinterp-repro — one entry point for setting up, testing and reproducing.
 #
-#   make test        unit tests + every notebook in the `ci` profile (what CI runs)
+#   make test        unit tests + every notebook in the `ci` profile (what CI runs), then the self-repair
+#                    notebook on Gemma-3-270M in the `ci` profile
 #   make reproduce   every notebook in the `embedded` profile on SmolLM2-135M-Instruct, then the four
 #                    language-model studies that run on any model (IOI, entropy neurons, self-repair,
 #                    patching practices) on Gemma-3-270M too (under figures/gemma-3-270m/); figures +
@@ -47,11 +48,15 @@ $(STAMP): pyproject.toml requirements/lock.txt scripts/setup_static_export.sh Ma
 	@bash scripts/setup_static_export.sh
 	@touch $(STAMP)
 
-# Unit tests and notebooks in one pytest run (one summary line), notebooks in the ci profile.
+# Unit tests and notebooks in one pytest run (one summary line), notebooks in the ci profile; then
+# SECOND_MODEL_CI_NOTEBOOK on the second model (same code path, MI_MODEL set), also in the ci profile.
+SECOND_MODEL_CI_NOTEBOOK ?= notebooks/05_self_repair.ipynb
 test: setup
 	@mkdir -p $(CI_FIGURES)
 	MI_PROFILE=ci MI_FIGURES_DIR=$(CI_FIGURES) HF_HUB_OFFLINE=1 \
 	  $(PY) -m pytest tests $(NOTEBOOKS) --nbval-lax --nbval-cell-timeout=900 -p no:cacheprovider --durations=20 --junitxml=build/test-report.xml
+	MI_PROFILE=ci MI_MODEL=$(SECOND_MODEL) MI_FIGURES_DIR=$(CI_FIGURES) HF_HUB_OFFLINE=1 \
+	  $(PY) -m pytest $(SECOND_MODEL_CI_NOTEBOOK) --nbval-lax --nbval-cell-timeout=900 -p no:cacheprovider --junitxml=build/test-report-$(SECOND_MODEL).xml
 
 unit-test: setup
 	MI_PROFILE=ci HF_HUB_OFFLINE=1 $(PY) -m pytest tests -p no:cacheprovider
