@@ -22,7 +22,7 @@ NOTEBOOKS ?= $(sort $(wildcard notebooks/*.ipynb))
 # the project's SmolLM2 safety tuning).
 SECOND_MODEL ?= gemma-3-270m
 SECOND_MODEL_NOTEBOOKS ?= $(filter notebooks/02_% notebooks/04_% notebooks/05_% notebooks/06_%,$(NOTEBOOKS))
-CI_FIGURES ?= build/ci-figures
+CI_FIGURES ?= $(CURDIR)/build/ci-figures
 
 export PYTHONHASHSEED := 0
 export HF_HUB_DISABLE_TELEMETRY := 1
