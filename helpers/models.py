@@ -666,31 +666,38 @@ def model_display_name(model: Any) -> str:
 
 @contextlib.contextmanager
 def _quiet_loading():
-    """Silence the progress bars and deprecation chatter of loading; real errors still surface."""
+    """Silence the progress bars and deprecation chatter of loading; every other warning surfaces.
+
+    Only ``DeprecationWarning`` / ``FutureWarning`` (library-internal API notices) and the
+    weight-loading progress bars are silenced. ``UserWarning``s and the libraries' logged warnings
+    (e.g. transformers' "Some weights of … were not initialized", which would mean a paper model
+    loaded with missing weights) still reach the user. Loading the embedded and tiny models emits
+    none of those (checked: tests/test_models.py). TransformerLens sets the ``transformers`` logger to
+    ERROR when its bridge is imported; while loading it is put back to WARNING, so those messages show.
+    """
     import logging
 
+    hf_logger = logging.getLogger("transformers")
+    hf_level = hf_logger.level
+    hf_logger.setLevel(logging.WARNING)
     previous = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    tl_logger = logging.getLogger()
-    level = tl_logger.level
-    tl_logger.setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 
-        hf_level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
+        bars_were_on = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
-    except Exception:  # pragma: no cover - transformers always present in practice
-        hf_level = None
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        hf_logging, bars_were_on = None, False
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("always", CacheRebuildWarning)  # a rebuilt cache is news, not chatter
             yield
     finally:
-        tl_logger.setLevel(level)
-        if hf_level is not None:
-            hf_logging.set_verbosity(hf_level)
+        hf_logger.setLevel(hf_level)
+        if hf_logging is not None and bars_were_on:
             hf_logging.enable_progress_bar()
         if previous is None:
             os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)

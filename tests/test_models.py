@@ -388,3 +388,50 @@ def test_gemma_3_270m_loads_offline_matches_hugging_face_and_does_ioi():
         expected = hf(batch.tokens, attention_mask=batch.attention_mask, logits_to_keep=1).logits[:, -1]
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
     assert [model.tokenizer.decode([i]) for i in logits.argmax(-1).tolist()] == [" Mary", " Anna"]
+
+
+def test_quiet_loading_silences_only_deprecation_chatter():
+    """Loading hides library deprecation notices and progress bars, never a real warning such as
+    transformers' "weights not initialized" (which would mean a paper model lost weights)."""
+    import warnings as _warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from helpers.models import _quiet_loading
+
+    import logging
+
+    logged: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logged.append(record.getMessage())
+
+    handler = Keep()
+    hf_logging.get_logger("transformers").addHandler(handler)
+    try:
+        with _warnings.catch_warnings(record=True) as caught:
+            _warnings.simplefilter("always")
+            with _quiet_loading():
+                _warnings.warn("old API", DeprecationWarning)
+                _warnings.warn("old API", FutureWarning)
+                _warnings.warn("tokenizer has no pad token", UserWarning)
+                hf_logging.get_logger("transformers.modeling_utils").warning(
+                    "Some weights of GPT2LMHeadModel were not initialized from the model checkpoint")
+    finally:
+        hf_logging.get_logger("transformers").removeHandler(handler)
+    assert [type(w.message) for w in caught] == [UserWarning]
+    assert any("were not initialized" in m for m in logged)
+
+
+def test_loading_the_tiny_models_emits_no_warning():
+    import warnings as _warnings
+
+    from helpers.models import load_model
+
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error")
+        _warnings.simplefilter("ignore", DeprecationWarning)
+        _warnings.simplefilter("ignore", FutureWarning)
+        for name in ("tiny-llama", "tiny-gpt2", "tiny-gemma3"):
+            load_model(name, device="cpu", seed=0)
