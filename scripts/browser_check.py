@@ -47,6 +47,8 @@ LAB_SETTINGS = {
     "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
     # no news fetch from the internet (an offline machine would log it as an error)
     "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false", "checkForUpdates": False},
+    # never write a notebook back (the server also only sees copies, see JupyterLab)
+    "@jupyterlab/docmanager-extension/plugin.jupyterlab-settings": {"autosave": False},
 }
 
 
@@ -81,10 +83,18 @@ def _wait(condition, timeout: float, what: str, interval: float = 0.5):
 
 
 class JupyterLab:
-    """JupyterLab on loopback with throwaway settings (nothing of the user's is read or written)."""
+    """JupyterLab on loopback with throwaway settings (nothing of the user's is read or written).
 
-    def __init__(self, scratch: Path):
+    It serves *copies* of the notebooks from the scratch folder: opening a notebook in JupyterLab can
+    save it back (autosave, the "leave page?" prompt), which would rewrite the committed outputs'
+    JSON formatting."""
+
+    def __init__(self, scratch: Path, notebooks: list[Path]):
         self.port, self.token = _free_port(), secrets.token_hex(16)
+        self.root = scratch / "served"
+        (self.root / "notebooks").mkdir(parents=True)
+        for notebook in notebooks:
+            shutil.copy2(notebook, self.root / "notebooks" / notebook.name)
         settings = scratch / "lab-settings"
         for name, values in LAB_SETTINGS.items():
             (settings / name).parent.mkdir(parents=True, exist_ok=True)
@@ -94,10 +104,10 @@ class JupyterLab:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
              f"--ServerApp.port={self.port}", f"--IdentityProvider.token={self.token}",
-             f"--ServerApp.root_dir={ROOT}", f"--LabApp.user_settings_dir={settings}",
+             f"--ServerApp.root_dir={self.root}", f"--LabApp.user_settings_dir={settings}",
              f"--LabApp.workspaces_dir={scratch / 'workspaces'}", "--ServerApp.open_browser=False",
              *(["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else [])],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=self.root)
         _wait(self._up, 120, "JupyterLab to start (see its log in the scratch folder)")
 
     def _up(self) -> bool:
@@ -114,7 +124,7 @@ class JupyterLab:
     def url(self, notebook: Path) -> str:
         # A fresh workspace per notebook (?reset): only that notebook is open in the page.
         return (f"http://127.0.0.1:{self.port}/lab/workspaces/check-{notebook.stem}/tree/"
-                f"{notebook.relative_to(ROOT).as_posix()}?reset&token={self.token}")
+                f"notebooks/{notebook.name}?reset&token={self.token}")
 
     def stop(self) -> None:
         self.process.terminate()
@@ -283,7 +293,7 @@ def main() -> int:
     notebooks = [p.resolve() for p in args.notebooks] or sorted((ROOT / "notebooks").glob("*.ipynb"))
     results = []
     with tempfile.TemporaryDirectory(prefix="browser-check-") as scratch:
-        lab = JupyterLab(Path(scratch))
+        lab = JupyterLab(Path(scratch), notebooks)
         try:
             browser = Chromium(Path(scratch))
             try:
