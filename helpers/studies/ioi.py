@@ -43,6 +43,10 @@ Analysis (the notebook ``02_ioi_circuit`` uses these; patching sweeps themselves
     circuit = circuit_from_classes(classes)      # head -> word positions where it is kept
     faithfulness(model, data, data.abc(), circuit)          # F(M), F(C), F(C)/F(M)
     minimality_scores(...), completeness_scores(...)        # the paper's Section 4 checks
+    backup = backup_name_movers(model, data, data.abc(), name_movers)  # §3.4 / App. F: knock out, who takes over
+    backup.ld_after, backup.naive_expected_drop, backup.compensation, backup.risers(8), backup.plot()
+    add_name_sentence(data, "IO")                # §4.4: "... Mary had a good day. John gave a drink to"
+    name_sentence_effect(model, data).summary()  # Figure 8: plain / + S sentence / + IO sentence
 
 Mean ablation here is the paper's: each head's output ``z`` is replaced by its mean over the ABC
 prompts **of the same template, at the same position** (:func:`template_mean_z`,
@@ -122,12 +126,16 @@ _NAME_SLOTS = ("[A]", "[B]", "[C]")
 WORD_POSITION_KEYS = ("IO", "S1", "S2", "S1+1", "END")
 
 
-def _slot_layout(template: str) -> list[tuple[str, bool]]:
+#: The slot of the extra name occurrence that :func:`add_name_sentence` inserts (not a template slot).
+_EXTRA_SLOT = "[X]"
+
+
+def _slot_layout(template: str, slots: Sequence[str] = _NAME_SLOTS) -> list[tuple[str, bool]]:
     """The name slots of ``template`` in reading order, each with "is preceded by a space"."""
     layout = []
     index = 0
     while True:
-        hits = [(template.find(slot, index), slot) for slot in _NAME_SLOTS if template.find(slot, index) >= 0]
+        hits = [(template.find(slot, index), slot) for slot in slots if template.find(slot, index) >= 0]
         if not hits:
             return layout
         start, slot = min(hits)
@@ -254,6 +262,11 @@ class IOIDataset:
         return self._refill(self.s_names, self.io_names, self.io_names, "IOI (names swapped)")
 
     def _refill(self, io_names: list[str], s1_names: list[str], s2_names: list[str], kind: str) -> "IOIDataset":
+        if any(_EXTRA_SLOT in t for t in self.templates):
+            raise ValueError(
+                f"abc()/swap_names() are not defined for prompts with an inserted name sentence ({self.kind!r}); "
+                "corrupt the original dataset and call add_name_sentence on that instead."
+            )
         prompts = [
             _fill(t, io, s1, s2, place, obj)
             for t, io, s1, s2, place, obj in zip(self.templates, io_names, s1_names, s2_names, self.places, self.objects)
@@ -294,20 +307,29 @@ def _fill(template: str, io: str, s1: str, s2: str, place: str, obj: str) -> str
 
 
 def _build(
-    model: Any, prompts: list[str], io_names: list[str], s1_names: list[str], s2_names: list[str], templates: list[str]
+    model: Any, prompts: list[str], io_names: list[str], s1_names: list[str], s2_names: list[str], templates: list[str],
+    extra_names: list[str] | None = None,
 ) -> "_Built":
-    """Tokenize, read off answers and locate each name's token (checked against the template)."""
+    """Tokenize, read off answers and locate each name's token (checked against the template).
+
+    With ``extra_names``, each template also has one ``[X]`` slot (an extra occurrence of a name,
+    :func:`add_name_sentence`), located as ``word_positions["extra"]``."""
     tokenizer = model.tokenizer
     batch = tokenize(model, prompts)
     width = batch.tokens.shape[1]
     pad = (width - batch.lengths).tolist()
-    positions: dict[str, list[int]] = {k: [] for k in WORD_POSITION_KEYS}
+    keys = WORD_POSITION_KEYS + (("extra",) if extra_names is not None else ())
+    slots = _NAME_SLOTS + ((_EXTRA_SLOT,) if extra_names is not None else ())
+    extras = extra_names if extra_names is not None else [None] * len(prompts)
+    positions: dict[str, list[int]] = {k: [] for k in keys}
     answers = []
-    for row, (template, io, s1, s2) in enumerate(zip(templates, io_names, s1_names, s2_names)):
+    for row, (template, io, s1, s2, extra) in enumerate(zip(templates, io_names, s1_names, s2_names, extras)):
         expected = []
         b_seen = 0
-        for slot, spaced in _slot_layout(template):
-            if slot == "[A]":
+        for slot, spaced in _slot_layout(template, slots):
+            if slot == _EXTRA_SLOT:
+                name, role = extra, "extra"
+            elif slot == "[A]":
                 name, role = io, "IO"
             else:
                 name, role = (s1, "S1") if b_seen == 0 else (s2, "S2")
@@ -440,6 +462,155 @@ def make_ioi_dataset(
         s2_names=list(ss), orders=orders, template_ids=tids, templates=tpls, places=pls, objects=objs,
         word_positions=built.word_positions, template_groups=groups, name_pool=pool, seed=seed, model=model,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Adversarial prompts: an extra occurrence of a name (the paper's Section 4.4 and Appendix L)
+# --------------------------------------------------------------------------------------------------
+
+#: The paper's natural sentences (Appendix L, Figure 21) that add one more occurrence of a name,
+#: "chosen to be independent of the context". ``[A]`` is the name that gets repeated.
+NAME_SENTENCES: tuple[str, ...] = (
+    "[A] had a good day.",
+    "[A] was enjoying the situation.",
+    "[A] was tired.",
+    "[A] enjoyed being with a friend.",
+    "[A] was an enthusiast person.",
+)
+
+
+def _sentence_insertion_point(template: str) -> int | None:
+    """Where :func:`add_name_sentence` inserts its sentence: just after the last ``". "`` before the
+    second subject slot (the start of the sentence that repeats S), or ``None`` if there is none."""
+    s2 = template.rfind("[B]")
+    end = template.rfind(". ", 0, s2)
+    return None if end < 0 else end + 2
+
+
+def accepts_name_sentence(template: str) -> bool:
+    """Whether :func:`add_name_sentence` can insert a sentence into prompts of ``template``: the
+    subject's second occurrence must open a new sentence ("... went to the store. [B] gave ..."). Of
+    the paper's 15 templates, 9 qualify; the others continue the first clause with a comma."""
+    return _sentence_insertion_point(template) is not None
+
+
+def add_name_sentence(
+    data: "IOIDataset", who: Literal["IO", "S"] = "IO", *, sentences: Sequence[str] = NAME_SENTENCES,
+    seed: int | None = None,
+) -> "IOIDataset":
+    """The paper's adversarial prompts (§4.4): one more occurrence of IO, as a sentence of its own.
+
+    Each prompt gets one of ``sentences`` (seeded choice, ``[A]`` filled with the prompt's IO name
+    for ``who="IO"``, or with S for the paper's control, ``who="S"``), inserted right before the
+    sentence that repeats the subject: "Then, John and Mary went to the store. **Mary had a good
+    day.** John gave a drink to" (the paper's example, Appendix L). With ``who="IO"`` both names are
+    now duplicated, so the duplicate-token / S-inhibition signal no longer singles out S; the paper
+    reports the logit difference falling from 3.55 to 1.23 and S beating IO in 23.4% of prompts
+    (0.7% on the plain prompts). With ``who="S"`` (S three times, IO once) it rises to 3.64 (S > IO in 0.4%).
+
+    The answers stay (`` IO``, `` S``). The result is a full :class:`IOIDataset` (same names, places,
+    objects, orders and ``template_ids``), with the name positions re-located after tokenization,
+    ``word_positions["extra"]`` the inserted name, ``templates`` the new templates (with an ``[X]``
+    slot) and ``template_groups`` recomputed (prompts of one template group are aligned again).
+    ``abc()`` / ``swap_names()`` are not defined on it (corrupt the original instead), and it is not
+    a valid ``data`` for :func:`mean_ablation_hooks` with a reference built from the original.
+
+    Raises ``ValueError`` for prompts whose template has no sentence break before the repeated
+    subject (:func:`accepts_name_sentence`); select the others first, e.g.
+    ``data[[i for i, t in enumerate(data.templates) if accepts_name_sentence(t)]]``.
+    """
+    data = _check_dataset(data)
+    if who not in ("IO", "S"):
+        raise ValueError(f"who must be 'IO' (the adversarial prompts) or 'S' (the control), got {who!r}.")
+    if _EXTRA_SLOT in "".join(data.templates):
+        raise ValueError("data already has an inserted name sentence; pass the original dataset.")
+    sentences = list(sentences)
+    if not sentences or any(s.count("[A]") != 1 or any(k in s for k in ("[B]", "[C]", _EXTRA_SLOT)) for s in sentences):
+        raise ValueError(f"each sentence needs exactly one [A] (the repeated name) and no other slot, got {sentences!r}.")
+    bad = sorted({t for t in data.templates if not accepts_name_sentence(t)})
+    if bad:
+        raise ValueError(
+            f"{len(bad)} template(s) of data have no sentence break before the repeated subject, e.g. {bad[0]!r}. "
+            "Select the prompts whose template accepts_name_sentence(...) first."
+        )
+    rng = random.Random(data.seed + 2 if seed is None else seed)
+    choices = [rng.randrange(len(sentences)) for _ in range(len(data))]
+    templates = []
+    for template, choice in zip(data.templates, choices):
+        at = _sentence_insertion_point(template)
+        templates.append(template[:at] + sentences[choice].replace("[A]", _EXTRA_SLOT) + " " + template[at:])
+    extra = list(data.io_names if who == "IO" else data.s_names)
+    prompts = [
+        _fill(t, io, s1, s2, place, obj).replace(_EXTRA_SLOT, x)
+        for t, io, s1, s2, place, obj, x in zip(templates, data.io_names, data.s_names, data.s2_names, data.places,
+                                                 data.objects, extra)
+    ]
+    built = _build(data.model, prompts, data.io_names, data.s_names, data.s2_names, templates, extra_names=extra)
+    keys = sorted(set(zip(data.orders, templates)))
+    groups = torch.tensor([keys.index(k) for k in zip(data.orders, templates)], dtype=torch.long,
+                          device=built.batch.tokens.device)
+    return replace(
+        data, prompts=prompts, batch=built.batch, answer_tokens=built.answer_tokens, templates=templates,
+        word_positions=built.word_positions, template_groups=groups, kind=f"IOI + sentence repeating {who}",
+    )
+
+
+#: The three distributions :func:`name_sentence_effect` compares (the rows of the paper's Figure 8).
+NAME_SENTENCE_DISTRIBUTIONS = ("IOI", "+ sentence repeating S", "+ sentence repeating IO")
+
+
+@dataclass
+class NameSentenceEffect:
+    """Per-prompt logit differences on the plain prompts and on their two sentence-inserted variants.
+
+    ``logit_diffs[d]`` is ``[batch]`` logit(IO) − logit(S) for ``d`` in
+    :data:`NAME_SENTENCE_DISTRIBUTIONS`, the same prompts in the same order in each, so differences
+    are paired. ``p_io[d]`` is the mean probability of IO.
+    """
+
+    logit_diffs: dict[str, Float[torch.Tensor, "batch"]]
+    p_io: dict[str, float]
+
+    def paired_difference(self, a: str, b: str) -> tuple[float, float]:
+        """Mean over prompts of ``LD_a − LD_b`` and its standard error."""
+        diff = (self.logit_diffs[a] - self.logit_diffs[b]).double()
+        n = diff.numel()
+        se = float(diff.std(unbiased=True) / n**0.5) if n > 1 else float("nan")
+        return float(diff.mean()), se
+
+    def summary(self) -> "pandas.DataFrame":  # noqa: F821
+        """One row per distribution: mean logit difference (± s.e.), P(IO), fraction of prompts with S above IO."""
+        import pandas as pd
+
+        rows = []
+        for name, ld in self.logit_diffs.items():
+            rows.append({"distribution": name, "prompts": ld.numel(), "logit difference": float(ld.mean()),
+                         "s.e.": float(ld.double().std() / ld.numel() ** 0.5) if ld.numel() > 1 else float("nan"),
+                         "P(IO)": self.p_io[name], "fraction S > IO": float((ld < 0).double().mean())})
+        return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def name_sentence_effect(model: Any, data: "IOIDataset", *, seed: int | None = None) -> NameSentenceEffect:
+    """The paper's Figure 8 on ``data``: the plain prompts, the control with a sentence repeating S, and the
+    adversarial prompts with a sentence repeating IO (:func:`add_name_sentence`, same ``seed`` so both
+    variants get the same sentence). Prompts whose template takes no sentence are dropped first
+    (:func:`accepts_name_sentence`); three forward passes."""
+    from helpers.metrics import answer_prob, logit_diff
+
+    data = _check_dataset(data)
+    keep = [i for i, t in enumerate(data.templates) if accepts_name_sentence(t)]
+    if not keep:
+        raise ValueError("none of data's templates has a sentence break before the repeated subject (accepts_name_sentence).")
+    plain = data[keep]
+    sets = dict(zip(NAME_SENTENCE_DISTRIBUTIONS,
+                    (plain, add_name_sentence(plain, "S", seed=seed), add_name_sentence(plain, "IO", seed=seed))))
+    lds, p_io = {}, {}
+    for name, d in sets.items():
+        logits = model(d.batch.tokens, attention_mask=d.batch.attention_mask)
+        lds[name] = logit_diff(logits, d.answer_tokens, batch=d.batch, reduce="none").detach().float().cpu()
+        p_io[name] = answer_prob(logits, d.answer_tokens, batch=d.batch).item()
+    return NameSentenceEffect(lds, p_io)
 
 
 # ==================================================================================================
@@ -851,6 +1022,168 @@ def completeness_scores(
         f_m = ablated_logit_diff(model, data, reference, keep=None, knock_out=knock, means=means)
         rows.append({"K": label, "size": len(knock), "F(C\\K)": f_c, "F(M\\K)": f_m, "incompleteness": abs(f_c - f_m)})
     return pd.DataFrame(rows)
+
+
+# ==================================================================================================
+# Backup name movers: knock out the name movers, see who takes over (the paper's Section 3.4, App. F)
+# ==================================================================================================
+
+
+@dataclass
+class BackupNameMovers:
+    """What happens to the logit difference and to every head's direct effect when heads are knocked out.
+
+    Attributes:
+        knocked_out: the heads that were mean-ablated (at every position, :func:`mean_ablation_hooks`).
+        ld_before, ld_after: mean logit difference of the clean model and with the knock-out (``F(M)``
+            and ``F(M \\ K)``).
+        dla_before, dla_after: ``[layer, head]`` direct logit attribution of every head to
+            ``logit(IO) − logit(S)`` at END in the two runs (each with its own final-norm scale,
+            :func:`helpers.attribution.direct_logit_attribution`). The knocked-out heads' ``dla_after``
+            is the direct effect of the mean they were replaced by.
+        naive_expected_drop: the knock-out's *direct* effect, ``Σ_K (DLA_clean(h) − DLA_clean(mean of h))``
+            with every norm scale of the clean run: how much the logit difference would fall if nothing
+            downstream reacted. For zero ablation this would be the heads' summed DLA
+            (:attr:`knocked_out_dla`); the mean of a head over the ABC prompts also writes a little.
+    """
+
+    knocked_out: list[HeadIndex]
+    ld_before: float
+    ld_after: float
+    dla_before: Float[torch.Tensor, "layer head"]
+    dla_after: Float[torch.Tensor, "layer head"]
+    naive_expected_drop: float
+
+    @property
+    def actual_drop(self) -> float:
+        """``ld_before − ld_after``."""
+        return self.ld_before - self.ld_after
+
+    @property
+    def naive_expected_ld(self) -> float:
+        """The logit difference if nothing compensated: ``ld_before − naive_expected_drop``."""
+        return self.ld_before - self.naive_expected_drop
+
+    @property
+    def knocked_out_dla(self) -> float:
+        """The knocked-out heads' summed direct logit attribution in the clean run."""
+        return float(sum(self.dla_before[l, h] for l, h in self.knocked_out))
+
+    @property
+    def compensation(self) -> float:
+        """The share of the knock-out's direct effect the rest of the model gives back:
+        ``1 − actual_drop / naive_expected_drop`` (0: none, 1: the logit difference does not move)."""
+        if self.naive_expected_drop == 0:
+            raise ValueError("the knocked-out heads have no direct effect: compensation is undefined.")
+        return 1.0 - self.actual_drop / self.naive_expected_drop
+
+    @property
+    def rise(self) -> Float[torch.Tensor, "layer head"]:
+        """``dla_after − dla_before`` per head."""
+        return self.dla_after - self.dla_before
+
+    def risers(self, k: int = 8, *, exclude: Sequence[HeadIndex] = ()) -> list[HeadIndex]:
+        """The ``k`` heads (not knocked out, not in ``exclude``) whose direct effect rises the most."""
+        skip = {(int(l), int(h)) for l, h in [*self.knocked_out, *exclude]}
+        n_heads = self.rise.shape[1]
+        order = [divmod(int(i), n_heads) for i in self.rise.flatten().argsort(descending=True)]
+        return [h for h in order if h not in skip][:k]
+
+    def backup_heads(self, *, exclude: Sequence[HeadIndex] = (), threshold: float = 0.02, max_heads: int = 8) -> list[HeadIndex]:
+        """The paper's rule for backup name movers (App. F): after the knock-out, the heads that are in no
+        other class (``exclude``) and write at least ``threshold`` × ``ld_before`` into the logit
+        difference, largest first, at most ``max_heads`` (the paper kept eight, above 2%)."""
+        skip = {(int(l), int(h)) for l, h in [*self.knocked_out, *exclude]}
+        mask = self.dla_after >= threshold * abs(self.ld_before)
+        return [h for h in _heads_where(mask, self.dla_after) if h not in skip][:max_heads]
+
+    def table(self, heads: Sequence[HeadIndex]) -> "pandas.DataFrame":  # noqa: F821
+        """One row per head: DLA before, after, and the rise."""
+        import pandas as pd
+
+        return pd.DataFrame([{"head": f"{l}.{h}", "DLA before": float(self.dla_before[l, h]),
+                              "DLA after": float(self.dla_after[l, h]), "rise": float(self.rise[l, h])}
+                             for l, h in heads])
+
+    def plot(self, highlight: Sequence[HeadIndex] | None = None, *, title: str = ""):
+        """Scatter of every head's DLA before (x) vs after (y) the knock-out, with ``y = x``; the knocked-out
+        heads and ``highlight`` (default: the top 8 :meth:`risers`) are labelled."""
+        import plotly.graph_objects as go
+
+        highlight = self.risers(8) if highlight is None else [tuple(map(int, h)) for h in highlight]
+        n_layers, n_heads = self.dla_before.shape
+        every = [(l, h) for l in range(n_layers) for h in range(n_heads)]
+        groups = {"knocked out": [tuple(map(int, h)) for h in self.knocked_out]}
+        groups["risers"] = [h for h in highlight if h not in groups["knocked out"]]
+        groups["other heads"] = [h for h in every if h not in groups["knocked out"] and h not in groups["risers"]]
+        style = {"other heads": dict(color="lightgrey", size=6), "risers": dict(color="#2ca02c", size=10),
+                 "knocked out": dict(color="#d62728", size=10, symbol="x")}
+        fig = go.Figure()
+        for name in ("other heads", "knocked out", "risers"):
+            heads = groups[name]
+            fig.add_trace(go.Scatter(
+                x=[float(self.dla_before[h]) for h in heads], y=[float(self.dla_after[h]) for h in heads],
+                mode="markers" if name == "other heads" else "markers+text", name=name, marker=style[name],
+                text=None if name == "other heads" else [f"{l}.{h}" for l, h in heads], textposition="top center",
+                hovertext=[f"{l}.{h}" for l, h in heads]))
+        values = torch.cat([self.dla_before.flatten(), self.dla_after.flatten()])
+        lo, hi = float(values.min()), float(values.max())
+        fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x",
+                                 line=dict(color="grey", dash="dash")))
+        fig.update_layout(template="plotly_white", title=title or "Direct logit attribution per head, before vs after the knock-out",
+                          xaxis_title="DLA before (clean model)", yaxis_title="DLA after (knocked-out heads mean-ablated)")
+        return fig
+
+
+@torch.no_grad()
+def backup_name_movers(
+    model: Any, data: IOIDataset, reference: IOIDataset, name_movers: Sequence[HeadIndex], *,
+    means: dict[int, torch.Tensor] | None = None,
+) -> BackupNameMovers:
+    """Knock out ``name_movers`` and measure the compensation (the paper's §3.4 and Appendix F).
+
+    The knock-out is the paper's: each head's output mean-ablated over the ``reference`` (ABC)
+    prompts of the same template, at every position (:func:`mean_ablation_hooks` with
+    ``knock_out``). Two forward passes, clean and knocked out, each cached for
+    :func:`helpers.attribution.direct_logit_attribution`; the knock-out's direct effect
+    (``naive_expected_drop``) is the DLA of the knocked-out heads minus the DLA of their means, both
+    read with the clean run's scales. The paper measures each head's direct effect by path patching
+    to the logits; DLA is the notebook's direct effect (the same quantity up to the final norm).
+    """
+    from helpers.attribution import direct_logit_attribution, dla_hook_names
+    from helpers.metrics import logit_diff
+
+    data = _check_dataset(data)
+    knocked = [(int(l), int(h)) for l, h in name_movers]
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    if not knocked:
+        raise ValueError("name_movers is empty: pass the heads to knock out, e.g. classes['name mover'].")
+    for layer, head in knocked:
+        if not (0 <= layer < n_layers and 0 <= head < n_heads):
+            raise ValueError(f"head ({layer}, {head}) does not exist in a {n_layers}×{n_heads} model.")
+    names = set(dla_hook_names(model, "head"))
+    tokens, mask = data.batch.tokens, data.batch.attention_mask
+
+    def dla(cache: Any) -> torch.Tensor:
+        return direct_logit_attribution(model, cache, data.answer_tokens, by="head", batch=data.batch).values
+
+    logits, clean = model.run_with_cache(tokens, attention_mask=mask, names_filter=lambda n: n in names)
+    ld_before = logit_diff(logits, data.answer_tokens, batch=data.batch).item()
+    hooks = mean_ablation_hooks(model, data, reference, knock_out=knocked, means=means)
+    with model.hooks(fwd_hooks=hooks):  # registered first: the cache below sees the ablated z
+        logits, after = model.run_with_cache(tokens, attention_mask=mask, names_filter=lambda n: n in names)
+    ld_after = logit_diff(logits, data.answer_tokens, batch=data.batch).item()
+    # the clean run with only the knocked-out heads' z swapped for the means they were replaced by
+    swapped = {name: clean[name] for name in names}
+    for layer in {l for l, _ in knocked}:
+        z = clean[f"blocks.{layer}.attn.hook_z"].clone()
+        for l, h in knocked:
+            if l == layer:
+                z[:, :, h] = after[f"blocks.{layer}.attn.hook_z"][:, :, h]
+        swapped[f"blocks.{layer}.attn.hook_z"] = z
+    dla_before, dla_mean = dla(clean), dla(swapped)
+    drop = float(sum(dla_before[l, h] - dla_mean[l, h] for l, h in knocked))
+    return BackupNameMovers(knocked, ld_before, ld_after, dla_before, dla(after), drop)
 
 
 # ==================================================================================================
