@@ -39,7 +39,7 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
+from nbclient.exceptions import CellExecutionError, CellTimeoutError
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +69,9 @@ def execute(path: Path, timeout: int, output: Path | None = None) -> tuple[bool,
                 client.execute_cell(cell, index)
             except CellExecutionError as err:
                 error = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+                break
+            except CellTimeoutError:  # reported like a failed cell, not a crash that loses the whole run
+                error = f"CellTimeoutError: code cell {index} ran longer than --timeout={timeout} s"
                 break
     seconds = time.perf_counter() - started
     # Cell by cell, nbclient does not save the widget state itself (its execute() would): keep it, so

@@ -91,3 +91,13 @@ def test_no_cross_model_table_for_one_model(tmp_path, monkeypatch):
     _results(figures, "05_x", "SmolLM2-135M-Instruct", [("a", "1", "2", "")])
     reproduce.record_run(figures, Path("05_x.ipynb"), True, 60.0, "")
     assert "across models" not in reproduce.write_results(figures, [Path("05_x.ipynb")]).read_text()
+
+
+def test_a_cell_that_runs_too_long_is_a_failed_run_not_a_crash(tmp_path):
+    import nbformat
+
+    source = tmp_path / "slow.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import time; time.sleep(30)")]), source)
+    ok, _, error = reproduce.execute(source, timeout=2, output=tmp_path / "out.ipynb")
+    assert not ok and error.startswith("CellTimeoutError: code cell 0")
+    assert (tmp_path / "out.ipynb").is_file()
