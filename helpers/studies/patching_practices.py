@@ -15,7 +15,9 @@ API at a glance::
     str_ = pp.symmetric_token_replacement(task)                # Corruption: other tokens, no hooks
     gn = pp.gaussian_noising(model, task, scale=3.0, seed=0)   # Corruption: clean tokens + noise on key embeddings
     metrics = pp.patching_metrics(model, task, gn)             # normalised logit diff / probability / KL
-    pp.rank_agreement(sweep_a, sweep_b, k=5)                   # how far two sweeps agree
+    pp.rank_agreement(sweep_a, sweep_b, k=5, noise_floor=0.02) # how far two sweeps agree (above a noise floor)
+    pp.make_ioi_task(model, 16, seed=0, corruption="s2")       # STR of S2 only ("s1_io": of IO and S1; refill_name_slots)
+    pp.head_group_restoration(model, task, gn, heads, positions=end)  # patch several heads at once: LD restored
 
 Corruptions
 -----------
