@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from importlib import resources
@@ -533,11 +534,44 @@ def symmetric_token_replacement(task: PatchingTask) -> Corruption:
     )
 
 
-def embedding_noise_std(model: Any, scale: float = 3.0) -> float:
-    """``scale ×`` the empirical standard deviation of the token embedding matrix ``W_E`` (all entries)."""
+@torch.no_grad()
+def embedding_noise_std(model: Any, scale: float = 3.0, chunk: int = 16384) -> float:
+    """``scale ×`` the empirical standard deviation of the token embeddings *as they enter the model*:
+    the output of ``hook_embed`` (where :func:`gaussian_noise_hooks` adds the noise), over every token
+    of the vocabulary (all entries).
+
+    For GPT-2 and SmolLM2 that is ``std(W_E)``. Gemma multiplies the looked-up embedding by
+    ``√d_model`` before it enters the residual stream (25.3 for Gemma-3-270M); noise sized on ``W_E``
+    would be that many times too small to corrupt anything.
+    """
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale!r}.")
-    return float(scale * model.W_E.detach().float().std())
+    device = model.W_E.device
+    total, total_sq, count = 0.0, 0.0, 0
+    captured: list[torch.Tensor] = []
+
+    def grab(activation: torch.Tensor, hook: Any) -> None:
+        captured.append(activation.detach().double())
+        raise _StopAfterEmbedding
+
+    for start in range(0, int(model.cfg.d_vocab), chunk):
+        # one token per row (a [chunk, 1] batch): no long sequence, and the forward stops at the embedding
+        ids = torch.arange(start, min(start + chunk, int(model.cfg.d_vocab)), device=device)[:, None]
+        captured.clear()
+        try:
+            model.run_with_hooks(ids, fwd_hooks=[(EMBED_HOOK, grab)])
+        except _StopAfterEmbedding:
+            pass
+        values = captured[0]
+        total += float(values.sum())
+        total_sq += float(values.pow(2).sum())
+        count += values.numel()
+    mean = total / count
+    return float(scale * math.sqrt(max(total_sq / count - mean * mean, 0.0) * count / (count - 1)))
+
+
+class _StopAfterEmbedding(Exception):
+    """Raised by :func:`embedding_noise_std`'s hook: nothing after the embedding is needed."""
 
 
 def gaussian_noise_hooks(
