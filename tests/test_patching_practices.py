@@ -412,3 +412,20 @@ def test_attention_to_key_matches_patterns_computed_from_queries_and_keys(tiny_g
         assert len({round(v, 4) for v in clean.tolist()}) == len(heads)  # heads differ: a mix-up would show
     with pytest.raises(ValueError, match="heads is empty"):
         pp.attention_to_key(model, task.clean, [], query_positions=end, key_positions=end)
+
+
+def test_noise_is_sized_on_the_embeddings_that_enter_the_model(tiny_model):
+    """ν is 3 × the std of hook_embed's output over the vocabulary: std(W_E) for GPT-2 / Llama layouts,
+    √d_model × that for Gemma's scaled embeddings (the noise must be as large as what it corrupts)."""
+    rows = []
+    for start in range(0, tiny_model.cfg.d_vocab, 4096):  # every token once, as its own 1-token prompt
+        ids = torch.arange(start, min(start + 4096, tiny_model.cfg.d_vocab))[:, None]
+        tiny_model.run_with_hooks(ids, fwd_hooks=[("hook_embed", lambda a, hook: rows.append(a.detach().double()))])
+    expected = 3.0 * float(torch.cat(rows).std())
+    assert pp.embedding_noise_std(tiny_model) == pytest.approx(expected, rel=1e-6)
+    assert pp.embedding_noise_std(tiny_model, chunk=1000) == pytest.approx(expected, rel=1e-6)  # chunking is exact
+    w_e = 3.0 * float(tiny_model.W_E.detach().double().std())
+    if "gemma" in tiny_model.cfg.model_name.lower():
+        assert pp.embedding_noise_std(tiny_model) == pytest.approx(w_e * tiny_model.cfg.d_model ** 0.5, rel=1e-4)
+    else:
+        assert pp.embedding_noise_std(tiny_model) == pytest.approx(w_e, rel=1e-4)

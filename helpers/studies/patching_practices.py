@@ -15,7 +15,9 @@ API at a glance::
     str_ = pp.symmetric_token_replacement(task)                # Corruption: other tokens, no hooks
     gn = pp.gaussian_noising(model, task, scale=3.0, seed=0)   # Corruption: clean tokens + noise on key embeddings
     metrics = pp.patching_metrics(model, task, gn)             # normalised logit diff / probability / KL
-    pp.rank_agreement(sweep_a, sweep_b, k=5)                   # how far two sweeps agree
+    pp.rank_agreement(sweep_a, sweep_b, k=5, noise_floor=0.02) # how far two sweeps agree (above a noise floor)
+    pp.make_ioi_task(model, 16, seed=0, corruption="s2")       # STR of S2 only ("s1_io": of IO and S1; refill_name_slots)
+    pp.head_group_restoration(model, task, gn, heads, positions=end)  # patch several heads at once: LD restored
 
 Corruptions
 -----------
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from importlib import resources
@@ -93,6 +96,11 @@ __all__ = [
     "RankAgreement",
     "rank_agreement",
     "attention_to_key",
+    "refill_name_slots",
+    "IOI_CORRUPTION_SLOTS",
+    "patch_head_group",
+    "HeadGroupRestoration",
+    "head_group_restoration",
     "WindowInflation",
     "window_inflation",
     "MetricBlindSpot",
@@ -402,29 +410,73 @@ def _position_labels(model: Any, tokens: torch.Tensor, key: torch.Tensor, key_na
     return labels
 
 
+IOI_SLOTS = ("IO", "S1", "S2")
+IOI_CORRUPTION_SLOTS: dict[str, tuple[str, ...]] = {
+    "abc": IOI_SLOTS, "swap": IOI_SLOTS, "s2": ("S2",), "s1_io": ("IO", "S1"),
+}
+
+
+def refill_name_slots(data: Any, slots: Sequence[str], *, seed: int = 0) -> Any:
+    """The IOI prompts of ``data`` with the name ``slots`` (a subset of ``"IO"``, ``"S1"``, ``"S2"``)
+    refilled by fresh names, the other slots kept: a symmetric token replacement of only those names.
+
+    Per prompt, the fresh names are distinct and differ from the prompt's IO and S (drawn from
+    ``data.name_pool`` with ``random.Random(seed)``), so e.g. ``slots=("S2",)`` turns "Then, Mary and
+    John went to the store. John gave a drink to" into "... Kate gave a drink to" (nothing repeated), and
+    ``("IO", "S1")`` into "Then, Tom and Amy went to the store. John gave a drink to". All three slots is
+    the ABC distribution. Token positions stay aligned with ``data`` (checked by the dataset). Returns an
+    :class:`helpers.studies.ioi.IOIDataset` whose ``io_names``/``s_names``/``s2_names`` are the names now in
+    the slots; keep using ``data.answer_tokens`` in metrics.
+    """
+    slots = tuple(slots)
+    unknown = [s for s in slots if s not in IOI_SLOTS]
+    if not slots or unknown or len(set(slots)) != len(slots):
+        raise ValueError(f"slots must be distinct names among {IOI_SLOTS}, got {slots!r}.")
+    rng = random.Random(seed)
+    names = {"IO": list(data.io_names), "S1": list(data.s_names), "S2": list(data.s2_names)}
+    for row, (io, s) in enumerate(zip(data.io_names, data.s_names)):
+        pool = [n for n in data.name_pool if n not in (io, s)]
+        if len(pool) < len(slots):
+            raise ValueError(f"the name pool has {len(pool)} names besides IO and S; {len(slots)} are needed.")
+        for slot, fresh in zip(slots, rng.sample(pool, len(slots))):
+            names[slot][row] = fresh
+    kind = "STR of " + "+".join(slots)
+    return data._refill(names["IO"], names["S1"], names["S2"], kind)  # the dataset's own aligned rebuild
+
+
 def make_ioi_task(
     model: Any,
     n_prompts: int,
     *,
     seed: int = 0,
-    corruption: Literal["abc", "swap"] = "abc",
+    corruption: Literal["abc", "swap", "s2", "s1_io"] = "abc",
     templates: Any = "BABA",
 ) -> PatchingTask:
     """IOI prompts (:func:`helpers.studies.ioi.make_ioi_dataset`) with their STR counterpart.
 
     ``corruption="abc"``: the three name slots refilled with three fresh names (Wang et al.'s ABC
-    distribution); ``"swap"``: IO and S exchanged (the logit difference flips sign). The answers are
-    ``(IO, S)`` of the clean prompt; the key tokens are the IO, S1 and S2 positions.
+    distribution); ``"swap"``: IO and S exchanged (the logit difference flips sign); ``"s2"``: only
+    the second subject replaced by a fresh name (no name is repeated any more: the S-inhibition
+    signal is gone, IO and S are still in the prompt); ``"s1_io"``: IO and the first subject replaced
+    by two fresh names, S2 kept (:func:`refill_name_slots`). The same ``seed`` gives the same clean
+    prompts for every corruption. The answers are ``(IO, S)`` of the clean prompt; the key tokens are
+    the replaced slots (all three names for ``"abc"`` and ``"swap"``).
     """
     from helpers.studies.ioi import make_ioi_dataset
 
-    if corruption not in ("abc", "swap"):
-        raise ValueError(f"corruption must be 'abc' or 'swap', got {corruption!r}.")
+    slots = IOI_CORRUPTION_SLOTS.get(corruption)
+    if slots is None:
+        raise ValueError(f"corruption must be one of {sorted(IOI_CORRUPTION_SLOTS)}, got {corruption!r}.")
     data = make_ioi_dataset(model, n_prompts, seed=seed, templates=templates)
-    other = data.abc() if corruption == "abc" else data.swap_names()
+    if corruption == "abc":
+        other = data.abc()
+    elif corruption == "swap":
+        other = data.swap_names()
+    else:
+        other = refill_name_slots(data, slots, seed=seed + 1)
     key_mask = torch.zeros_like(data.batch.tokens, dtype=torch.bool)
     rows = torch.arange(len(data), device=key_mask.device)
-    for role in ("IO", "S1", "S2"):
+    for role in slots:
         key_mask[rows, data.word_positions[role].to(key_mask.device)] = True
     labels = None
     if len(set(data.template_groups.tolist())) == 1:
@@ -482,11 +534,44 @@ def symmetric_token_replacement(task: PatchingTask) -> Corruption:
     )
 
 
-def embedding_noise_std(model: Any, scale: float = 3.0) -> float:
-    """``scale ×`` the empirical standard deviation of the token embedding matrix ``W_E`` (all entries)."""
+@torch.no_grad()
+def embedding_noise_std(model: Any, scale: float = 3.0, chunk: int = 16384) -> float:
+    """``scale ×`` the empirical standard deviation of the token embeddings *as they enter the model*:
+    the output of ``hook_embed`` (where :func:`gaussian_noise_hooks` adds the noise), over every token
+    of the vocabulary (all entries).
+
+    For GPT-2 and SmolLM2 that is ``std(W_E)``. Gemma multiplies the looked-up embedding by
+    ``√d_model`` before it enters the residual stream (25.3 for Gemma-3-270M); noise sized on ``W_E``
+    would be that many times too small to corrupt anything.
+    """
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale!r}.")
-    return float(scale * model.W_E.detach().float().std())
+    device = model.W_E.device
+    total, total_sq, count = 0.0, 0.0, 0
+    captured: list[torch.Tensor] = []
+
+    def grab(activation: torch.Tensor, hook: Any) -> None:
+        captured.append(activation.detach().double())
+        raise _StopAfterEmbedding
+
+    for start in range(0, int(model.cfg.d_vocab), chunk):
+        # one token per row (a [chunk, 1] batch): no long sequence, and the forward stops at the embedding
+        ids = torch.arange(start, min(start + chunk, int(model.cfg.d_vocab)), device=device)[:, None]
+        captured.clear()
+        try:
+            model.run_with_hooks(ids, fwd_hooks=[(EMBED_HOOK, grab)])
+        except _StopAfterEmbedding:
+            pass
+        values = captured[0]
+        total += float(values.sum())
+        total_sq += float(values.pow(2).sum())
+        count += values.numel()
+    mean = total / count
+    return float(scale * math.sqrt(max(total_sq / count - mean * mean, 0.0) * count / (count - 1)))
+
+
+class _StopAfterEmbedding(Exception):
+    """Raised by :func:`embedding_noise_std`'s hook: nothing after the embedding is needed."""
 
 
 def gaussian_noise_hooks(
@@ -722,18 +807,42 @@ class RankAgreement:
     top_k_overlap: float
     only_in_a: list[tuple[int, ...]]
     only_in_b: list[tuple[int, ...]]
+    n_compared: int = -1
+    noise_floor: float = 0.0
+
+    @property
+    def top_sets_differ(self) -> bool:
+        """Whether the two sweeps' top-``k`` components are not the same set."""
+        return self.top_k_overlap < 1
 
 
-def rank_agreement(a: Any, b: Any, *, k: int = 5, by: Literal["value", "abs", "-value"] = "value") -> RankAgreement:
-    """Spearman/Pearson correlation and top-``k`` overlap of two sweeps of the same components."""
+def rank_agreement(
+    a: Any, b: Any, *, k: int = 5, by: Literal["value", "abs", "-value"] = "value", noise_floor: float = 0.0
+) -> RankAgreement:
+    """Spearman/Pearson correlation and top-``k`` overlap of two sweeps of the same components.
+
+    ``noise_floor > 0``: the correlations are computed only over the components whose effect exceeds
+    it in absolute value in *either* sweep (``n_compared`` of them). Most heads of a head sweep have
+    effects near zero, whose ranks are noise: a correlation over all of them mostly measures that
+    noise. The top-``k`` sets are always taken over all components.
+    """
+    x, y = _values(a).flatten(), _values(b).flatten()
+    if x.shape != y.shape:
+        raise ValueError(f"sweeps must have the same shape, got {tuple(_values(a).shape)} and {tuple(_values(b).shape)}.")
+    if not noise_floor >= 0:
+        raise ValueError(f"noise_floor must be >= 0 (an absolute effect size), got {noise_floor}.")
+    keep = (x.abs() > noise_floor) | (y.abs() > noise_floor) if noise_floor > 0 else torch.ones_like(x, dtype=torch.bool)
     top_a, top_b = top_indices(a, k, by=by), top_indices(b, k, by=by)
+    n = int(keep.sum())
     return RankAgreement(
-        spearman=spearman(a, b),
-        pearson=pearson(a, b),
+        spearman=spearman(x[keep], y[keep]) if n >= 3 else float("nan"),
+        pearson=pearson(x[keep], y[keep]) if n >= 3 else float("nan"),
         k=k,
         top_k_overlap=len(set(top_a) & set(top_b)) / k,
         only_in_a=[i for i in top_a if i not in top_b],
         only_in_b=[i for i in top_b if i not in top_a],
+        n_compared=n,
+        noise_floor=float(noise_floor),
     )
 
 
@@ -888,6 +997,108 @@ def head_sweep(
         return patching.patch_heads(
             model, task.clean, corrupted, metric, activation="z", direction=direction, layers=layers, progress=progress
         )
+
+
+@torch.no_grad()
+def patch_head_group(
+    model: Any,
+    task: PatchingTask,
+    corruption: Corruption,
+    metric: Callable[[torch.Tensor], torch.Tensor],
+    heads: Sequence[tuple[int, int]],
+    *,
+    positions: Int[torch.Tensor, "batch"] | None = None,
+) -> float:
+    """Denoise a *group* of heads at once: the corrupted run (``corruption``) with the outputs
+    (``hook_z``) of all ``heads`` taken from the clean run, at ``positions`` → ``metric``.
+
+    ``positions``: one token position per prompt (e.g. END), or ``None`` for all positions. The
+    toolkit's :func:`helpers.patching.patch_heads` patches one head per run; this is the one run that
+    patches several together (e.g. the S-inhibition heads at END, as Zhang & Nanda do to compare
+    corruptions). With one head and all positions it equals that sweep's entry (tested).
+    """
+    heads = [(int(layer), int(head)) for layer, head in heads]
+    if not heads:
+        raise ValueError("heads is empty: pass (layer, head) pairs to patch together.")
+    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    bad = [h for h in heads if not (0 <= h[0] < n_layers and 0 <= h[1] < n_heads)]
+    if bad:
+        raise ValueError(f"heads {bad} are outside the model's {n_layers} layers × {n_heads} heads.")
+    batch = len(task)
+    if positions is not None:
+        positions = torch.as_tensor(positions, dtype=torch.long)
+        if positions.shape != (batch,):
+            raise ValueError(f"positions must be one position per prompt, shape ({batch},), got {tuple(positions.shape)}.")
+        width = task.clean.tokens.shape[1]
+        if bool(((positions < 0) | (positions >= width)).any()):
+            raise ValueError(f"positions must lie in 0..{width - 1}, got {positions.tolist()}.")
+    names = {f"blocks.{layer}.attn.hook_z" for layer, _ in heads}
+    _, cache = model.run_with_cache(task.clean.tokens, attention_mask=task.clean.attention_mask,
+                                    names_filter=lambda n: n in names)
+
+    def patcher(name: str, layer_heads: list[int]) -> Callable[..., torch.Tensor]:
+        # bound per hook name: the bridge calls the hook with its canonical name, not the hook_z alias
+        def patch(z: Float[torch.Tensor, "batch pos head d_head"], hook: Any = None) -> torch.Tensor:
+            clean_z = cache[name].to(z.device)
+            z = z.clone()
+            if positions is None:
+                z[:, :, layer_heads] = clean_z[:, :, layer_heads]
+            else:
+                rows, pos = torch.arange(batch, device=z.device), positions.to(z.device)
+                for h in layer_heads:
+                    z[rows, pos, h] = clean_z[rows, pos, h]
+            return z
+
+        return patch
+
+    hooks = [*corruption.hooks, *[(name, patcher(name, [h for layer, h in heads if f"blocks.{layer}.attn.hook_z" == name]))
+                                  for name in sorted(names)]]
+    return float(metric(run_logits(model, corruption.tokens, hooks)))
+
+
+@dataclass(frozen=True)
+class HeadGroupRestoration:
+    """A group of heads patched from the clean into the corrupted run: the logit difference it restores.
+
+    Attributes:
+        corrupted, patched, clean: raw logit difference on the corrupted run, the patched run and the
+            clean run.
+        restored: ``patched − corrupted`` (raw logit-difference units).
+        fraction: ``restored / (clean − corrupted)`` (1 = the whole gap).
+    """
+
+    corrupted: float
+    patched: float
+    clean: float
+
+    @property
+    def restored(self) -> float:
+        return self.patched - self.corrupted
+
+    @property
+    def fraction(self) -> float:
+        gap = self.clean - self.corrupted
+        return self.restored / gap if abs(gap) > 1e-9 else float("nan")
+
+
+def head_group_restoration(
+    model: Any,
+    task: PatchingTask,
+    corruption: Corruption,
+    heads: Sequence[tuple[int, int]],
+    *,
+    positions: Int[torch.Tensor, "batch"] | None = None,
+    base: Baselines | None = None,
+) -> HeadGroupRestoration:
+    """:func:`patch_head_group` read with the raw logit difference, with the clean and corrupted runs'."""
+    base = base if base is not None else baselines(model, task, corruption)
+    answers, batch = task.answer_tokens, task.clean
+
+    def raw_logit_diff(logits: torch.Tensor) -> torch.Tensor:
+        return logit_diff(logits, answers, batch=batch)
+
+    patched = patch_head_group(model, task, corruption, raw_logit_diff, heads, positions=positions)
+    return HeadGroupRestoration(base.corrupted["logit_diff"], patched, base.clean["logit_diff"])
 
 
 def window_sweeps(
