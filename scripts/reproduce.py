@@ -236,7 +236,11 @@ def cross_model_table(figures: Path, notebook: str) -> list[str]:
         rows = [by_quantity.get(quantity) for _, (_, by_quantity), _ in loaded]
         paper = next((r["paper"] for r in rows if r is not None), "–")
         values = [r["this_run"] if r is not None else "–" for r in rows]
-        notes = "; ".join(f"{h}: {r['note']}" for h, r in zip(header, rows) if r is not None and r["note"])
+        given = [(h, r["note"]) for h, r in zip(header, rows) if r is not None and r["note"]]
+        if len(given) == len(loaded) and len({note for _, note in given}) == 1:
+            notes = given[0][1]  # the same note on every model: once
+        else:
+            notes = "; ".join(f"{h}: {note}" for h, note in given)
         lines.append("| " + " | ".join(cell(c) for c in [quantity, paper, *values, notes]) + " |")
     return lines
 

@@ -68,15 +68,16 @@ def test_results_gain_a_cross_model_table_matched_by_quantity(tmp_path, monkeypa
     figures = tmp_path / "figures"
     notebook = Path("05_x.ipynb")
     _results(figures, "05_x", "SmolLM2-135M-Instruct",
-             [("top head DE", "2.7", "2.8", "L26H8"), ("LN share", "0.32", "0.22", ""), ("only smol", "1", "3", "")])
+             [("top head DE", "2.7", "2.8", "L26H8"), ("LN share", "0.32", "0.22", "from the arrays"), ("only smol", "1", "3", "")])
     _results(figures / "gemma-3-270m", "05_x", "Gemma-3-270M",
-             [("top head DE", "2.7", "1.9", "L15H2"), ("LN share", "0.32", "0.41", ""), ("only gemma", "–", "7", "")])
+             [("top head DE", "2.7", "1.9", "L15H2"), ("LN share", "0.32", "0.41", "from the arrays"), ("only gemma", "–", "7", "")])
     reproduce.record_run(figures, notebook, True, 60.0, "")
     reproduce.record_run(figures / "gemma-3-270m", notebook, False, 60.0, "AssertionError: no self-repair",
                          table_written=True)
     base_text = reproduce.write_results(figures, [notebook]).read_text()
     assert "| quantity | paper | SmolLM2-135M-Instruct | Gemma-3-270M | notes |" in base_text
     assert "| top head DE | 2.7 | 2.8 | 1.9 | SmolLM2-135M-Instruct: L26H8; Gemma-3-270M: L15H2 |" in base_text
+    assert "| LN share | 0.32 | 0.22 | 0.41 | from the arrays |" in base_text  # one note shared by both: once
     assert "| only smol | 1 | 3 | – |" in base_text and "| only gemma | – | – | 7 |" in base_text
     assert "assertion failed: AssertionError: no self-repair" in base_text
     # the other model's own RESULTS.md lists its table under the failure, and has no cross-model table
