@@ -31,6 +31,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -52,6 +53,12 @@ from progress_bars import finish_progress_bars  # noqa: E402
 PACKAGES = ("torch", "transformer-lens", "transformers", "circuitsvis", "plotly", "einops", "gguf", "peft",
             "nbval", "jupyterlab", "kaleido", "numpy")
 MAX_NOTEBOOK_BYTES = 2_000_000
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def plain(text: str) -> str:
+    """``text`` without terminal colour codes (IPython colours the exception names in tracebacks)."""
+    return _ANSI.sub("", text)
 
 
 def execute(path: Path, timeout: int, output: Path | None = None) -> tuple[bool, float, str]:
@@ -68,7 +75,7 @@ def execute(path: Path, timeout: int, output: Path | None = None) -> tuple[bool,
             try:
                 client.execute_cell(cell, index)
             except CellExecutionError as err:
-                error = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+                error = plain(str(err).strip().splitlines()[-1]) if str(err).strip() else type(err).__name__
                 break
             except CellTimeoutError:  # reported like a failed cell, not a crash that loses the whole run
                 error = f"CellTimeoutError: code cell {index} ran longer than --timeout={timeout} s"
@@ -164,7 +171,7 @@ def write_results(figures: Path, notebooks: list[Path]) -> Path:
         if stamp is None:
             lines.append(f"| {path.stem} | not run yet | | | | | |")
             continue
-        status = "ran" if stamp["ok"] else f"FAILED: {stamp['error'][:120]}"
+        status = "ran" if stamp["ok"] else f"FAILED: {plain(stamp['error'])[:120]}"
         lines.append(f"| {path.stem} | {status} | `{stamp['profile']}` | {stamp['minutes']:.1f} min | {stamp['date']} "
                      f"| {stamp['git_commit']} | {stamp['device']} |")
     packages = sorted({(s["python"], s["packages"]) for s in stamps.values() if s})
@@ -175,7 +182,7 @@ def write_results(figures: Path, notebooks: list[Path]) -> Path:
         lines += ["", f"## {path.stem}", ""]
         if stamp and stamp.get("table_written", stamp["ok"]) and table.is_file():
             if not stamp["ok"]:
-                lines += [f"**The run stopped with:** `{stamp['error']}` (the table below was written before that).", ""]
+                lines += [f"**The run stopped with:** `{plain(stamp['error'])}` (the table below was written before that).", ""]
             lines.append(table.read_text(encoding="utf-8").strip())
         else:
             lines.append("_No results table: the notebook has not finished a run yet._")
@@ -223,7 +230,7 @@ def cross_model_table(figures: Path, notebook: str) -> list[str]:
         label = payload["model"].split(" (")[0]
         header.append(label)
         run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else {}
-        status = "ran" if run.get("ok", True) else f"assertion failed: {run.get('error', '')[:160]}"
+        status = "ran" if run.get("ok", True) else f"assertion failed: {plain(run.get('error', ''))[:160]}"
         stamps.append(f"{label}: profile `{payload['profile']}`, {run.get('date', 'date unknown')}, "
                       f"{run.get('git_commit', 'commit unknown')}, {payload['device']}; {status}")
     def cell(text: str) -> str:

@@ -102,3 +102,7 @@ def test_a_cell_that_runs_too_long_is_a_failed_run_not_a_crash(tmp_path):
     ok, _, error = reproduce.execute(source, timeout=2, output=tmp_path / "out.ipynb")
     assert not ok and error.startswith("CellTimeoutError: code cell 0")
     assert (tmp_path / "out.ipynb").is_file()
+
+
+def test_colour_codes_are_stripped_from_errors():
+    assert reproduce.plain("\x1b[31mAssertionError\x1b[39m: no self-repair") == "AssertionError: no self-repair"
