@@ -219,9 +219,16 @@ def cross_model_table(figures: Path, notebook: str) -> list[str]:
     columns += [(name, figures / name / "results" / f"{notebook}.json") for name in OTHER_MODELS]
     loaded = [(name, _rows(path), figures / (name if name != "default" else "") / "results" / f"{notebook}.run.json")
               for name, path in columns]
+    stopped = []  # other models whose run stopped before the table was written
+    for name, rows, run_file in loaded[1:]:
+        if rows is None and run_file.is_file():
+            run = json.loads(run_file.read_text(encoding="utf-8"))
+            if not run.get("ok", True):
+                stopped.append(f"- {name}: profile `{run['profile']}`, {run['date']}, {run['git_commit']}: the run stopped "
+                               f"before its results table with `{plain(run['error'])}`")
     loaded = [(name, rows, run) for name, rows, run in loaded if rows is not None]
     if len(loaded) < 2:
-        return []
+        return ["", f"### {notebook} across models", "", *stopped] if stopped else []
     order: list[str] = []
     for _, (_, by_quantity), _ in loaded:
         order += [q for q in by_quantity if q not in order]

@@ -106,3 +106,13 @@ def test_a_cell_that_runs_too_long_is_a_failed_run_not_a_crash(tmp_path):
 
 def test_colour_codes_are_stripped_from_errors():
     assert reproduce.plain("\x1b[31mAssertionError\x1b[39m: no self-repair") == "AssertionError: no self-repair"
+
+
+def test_another_models_run_that_stopped_before_its_table_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("MI_PROFILE", "ci")
+    figures = tmp_path / "figures"
+    _results(figures, "02_x", "SmolLM2-135M-Instruct", [("a", "1", "2", "")])
+    reproduce.record_run(figures, Path("02_x.ipynb"), True, 60.0, "")
+    reproduce.record_run(figures / "gemma-3-270m", Path("02_x.ipynb"), False, 60.0, "AssertionError: no name mover")
+    text = reproduce.write_results(figures, [Path("02_x.ipynb")]).read_text()
+    assert "gemma-3-270m: profile `ci`" in text and "AssertionError: no name mover" in text
