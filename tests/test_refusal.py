@@ -829,3 +829,42 @@ def test_select_direction_says_when_no_candidate_steers_even_with_the_fallback(t
                            steering_threshold=math.inf, if_none_pass="lowest_kl")
     table = info.value.args[1]
     assert (table["steering_score"] < math.inf).all() and (table["discarded"] != "").all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Refusal by group of request (where the over-refusal sits)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_describe_requests_finds_each_set_and_marks_unknown_texts():
+    harmless = D.load_requests("harmless")
+    contrast = next(r for r in harmless if r.contrast)
+    ordinary = next(r for r in harmless if not r.contrast)
+    harmful = D.load_requests("harmful")[0]
+    voiced = D.load_style_shift_requests()[0]
+    found = D.describe_requests([contrast.text, ordinary.text + "  ", harmful.text, voiced.text, "Not in any set."])
+    assert [f.id if f else None for f in found] == [contrast.id, ordinary.id, harmful.id, voiced.id, None]
+    assert [D.request_group(f) for f in found[:4]] == ["contrast", "ordinary", harmful.category, voiced.style]
+    with pytest.raises(TypeError, match="list of instruction texts"):
+        D.describe_requests(contrast.text)
+
+
+def test_refusal_by_group_counts_each_judge_per_group():
+    harmless = D.load_requests("harmless")
+    contrast = [r.text for r in harmless if r.contrast][:3]
+    ordinary = [r.text for r in harmless if not r.contrast][:2]
+    refuse, comply = "I'm sorry, but I can't help with that.", "Sure, here is a plan."
+    condition = R.ConditionResult("hand-built", contrast + ordinary + ["my own prompt"],
+                                  [refuse, refuse, comply, comply, refuse, comply], 0.5, 0.0,
+                                  [1.0, -1.0, -2.0, 3.0, 1.0, -1.0])
+    table = R.refusal_by_group(condition)
+    assert table.loc["contrast", "n"] == 3 and table.loc["ordinary", "n"] == 2 and table.loc["other", "n"] == 1
+    assert table.loc["contrast", "substring"] == pytest.approx(2 / 3)
+    assert table.loc["contrast", "first_token"] == pytest.approx(1 / 3)
+    assert table.loc["ordinary", "substring"] == pytest.approx(0.5)
+    assert table.loc["ordinary", "first_token"] == pytest.approx(1.0)
+    assert table.loc["other", "substring"] == 0.0
+    custom = R.refusal_by_group(condition, groups=["a"] * 6)
+    assert custom.loc["a", "substring"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="one group per instruction"):
+        R.refusal_by_group(condition, groups=["a"])

@@ -271,3 +271,26 @@ def load_harmbench_requests(splits: Sequence[str] = ("val", "test")) -> list[Req
 def load_harmbench(splits: Sequence[str] = ("val", "test")) -> list[str]:
     """The texts of :func:`load_harmbench_requests`."""
     return [r.text for r in load_harmbench_requests(splits)]
+
+
+def request_group(request: Request) -> str:
+    """What kind of request this is, for reading refusal rates by group: a style-shift request's voice
+    (``"texting"``, ``"formal"``, …), ``"contrast"`` for a harmless request on a harm category's topic,
+    ``"ordinary"`` for any other harmless request, and the harm category for a harmful one."""
+    if request.style:
+        return request.style
+    if request.kind == "harmless":
+        return "contrast" if request.contrast else "ordinary"
+    return request.category
+
+
+def describe_requests(texts: Sequence[str]) -> list[Request | None]:
+    """The :class:`Request` behind each text of this project's sets (main sets and style-shift set),
+    ``None`` for a text that is not one of them (HarmBench's, the paper's, a prompt of your own).
+
+    Lets a notebook group per-prompt results (refusal, KL, …) by contrast flag, form or voice without
+    carrying the metadata through every function that takes plain instruction lists."""
+    if isinstance(texts, str):
+        raise TypeError("describe_requests takes a list of instruction texts, got one string; wrap it in a list.")
+    index = {r.text: r for r in (load_requests("harmful") + load_requests("harmless") + load_style_shift_requests())}
+    return [index.get(text.strip()) for text in texts]

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from helpers.studies.refusal.data import (  # noqa: F401  (re-exported: the study's data API)
     DATA_DIR, KINDS, SPLITS, Request, load_harmbench, load_harmbench_requests, load_instructions, load_split_requests,
-    load_style_shift, load_style_shift_requests,
+    describe_requests, load_style_shift, load_style_shift_requests, request_group,
 )
 from helpers.studies.refusal.judges import (  # noqa: F401  (re-exported: the judges)
     REFUSAL_SUBSTRINGS, is_refusal, judge_agreement, judge_table, refusal_pattern, refusal_rate,
@@ -548,6 +548,27 @@ def judge_summary(conditions: Sequence[ConditionResult]) -> Any:
     order = ["substring", "first_token", "clean_refusal", "substring_vs_first_token_disagree",
              "refusal_then_compliance", "compliance_then_refusal"]
     return pd.DataFrame(rows).T[[c for c in order if c in next(iter(rows.values()))]]
+
+
+def refusal_by_group(condition: ConditionResult, groups: Sequence[str] | None = None) -> Any:
+    """Refusal rate of one condition split by group of request: one row per group with its size and the
+    rate by the substring judge and by the first-token judge (when the condition has scores).
+
+    ``groups`` gives each instruction's group; by default :func:`helpers.studies.refusal.data.request_group`
+    of the request behind it (voice for style-shift requests, ``"contrast"`` / ``"ordinary"`` for harmless
+    ones, the harm category for harmful ones), ``"other"`` for texts outside this project's sets."""
+    import pandas as pd
+
+    if groups is None:
+        groups = [request_group(r) if r is not None else "other" for r in describe_requests(condition.instructions)]
+    if len(groups) != len(condition.instructions):
+        raise ValueError(f"refusal_by_group: {len(groups)} groups for {len(condition.instructions)} instructions of "
+                         f"{condition.name!r}; give one group per instruction.")
+    frame = pd.DataFrame({"group": list(groups), "substring": [is_refusal(c) for c in condition.completions]})
+    if condition.scores:
+        frame["first_token"] = [s > 0 for s in condition.scores]
+    table = frame.groupby("group").agg(n=("substring", "size"), **{c: (c, "mean") for c in frame.columns[1:]})
+    return table.sort_values("substring", ascending=False)
 
 
 def side_by_side(first: ConditionResult, second: ConditionResult, n: int = 4, width: int = 160) -> Any:
