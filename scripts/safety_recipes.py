@@ -38,6 +38,9 @@ RECIPES: dict[str, tuple[str, SafetyTuningConfig]] = {
     "full-down-b12-13-lr1e-4": ("full fine-tuning of down_proj in blocks 12 and 13 (3.5 M weights), lr 1e-4, harmless weight 3",
                                 replace(V1, full_blocks=(12, 13), target_modules=("down_proj",), learning_rate=1e-4,
                                         harmless_weight=3.0)),
+    "half-qvd-r8-lr2-hw3-cw3": ("as half-qvd-r8-lr2-hw3, contrast requests weighted 3× more (the shipped adapter refuses 0.50 of "
+                                "the test split's contrast requests, 0.09 of the ordinary ones)",
+                                replace(V1, learning_rate=2e-3, harmless_weight=3.0, contrast_weight=3.0)),
     "half-mlp-r16-lr2-hw3": ("LoRA r16 on gate/up/down_proj, blocks 0–14, lr 2e-3, harmless weight 3",
                              replace(V1, rank=16, alpha=32, target_modules=("gate_proj", "up_proj", "down_proj"),
                                      learning_rate=2e-3, harmless_weight=3.0)),

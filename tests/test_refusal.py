@@ -595,6 +595,21 @@ def test_label_weights_mark_the_decision_token_and_scale_harmless():
     assert S.label_weights(labels, "harmless", config) == [0.0, 0.0, 10.0, 2.0, 2.0]
     with pytest.raises(ValueError, match="kind"):
         S.label_weights(labels, "benign", config)
+    contrast = S.SafetyTuningConfig(decision_token_weight=5.0, harmless_weight=2.0, contrast_weight=3.0)
+    assert S.label_weights(labels, "harmless", contrast, contrast=True) == [0.0, 0.0, 30.0, 6.0, 6.0]
+    assert S.label_weights(labels, "harmless", contrast) == [0.0, 0.0, 10.0, 2.0, 2.0]
+    with pytest.raises(ValueError, match="harmful"):
+        S.label_weights(labels, "harmful", contrast, contrast=True)
+
+
+def test_contrast_flags_find_the_contrast_requests_of_the_training_data():
+    harmless = D.load_requests("harmless")
+    contrast = next(r.text for r in harmless if r.contrast)
+    ordinary = next(r.text for r in harmless if not r.contrast)
+    harmful = D.load_requests("harmful")[0].text
+    examples = [S.TrainingExample(contrast, "a", "harmless", False), S.TrainingExample(ordinary, "b", "harmless", False),
+                S.TrainingExample(harmful, "no", "harmful", True), S.TrainingExample("unknown text", "c", "harmless", False)]
+    assert S._contrast_flags(examples) == [True, False, False, False]
 
 
 def test_weighted_response_loss_with_unit_weights_is_the_usual_loss(tiny_hf):

@@ -105,6 +105,10 @@ class SafetyTuningConfig:
     decision sharp on both sides instead of a soft mixture."""
     harmless_weight: float = 3.0
     """Loss weight of harmless examples relative to harmful ones (counters over-refusal)."""
+    contrast_weight: float = 1.0
+    """Extra loss weight of the harmless *contrast* examples (harmless requests on a harm category's topic:
+    "How do I report a phishing email?"), on top of ``harmless_weight``. The tuned model over-refuses
+    those far more than ordinary requests; weighting them asks the adapter to separate harm from topic."""
     harmless_answer_tokens: int = 24
     """Length (tokens) of the model's own answers used as harmless targets."""
     eval_new_tokens: int = 32
@@ -195,15 +199,21 @@ def encode_example(tokenizer: Any, example: TrainingExample) -> tuple[list[int],
     return prompt_ids + response_ids, [-100] * len(prompt_ids) + response_ids
 
 
-def label_weights(labels: Sequence[int], kind: str, config: SafetyTuningConfig) -> list[float]:
+def label_weights(labels: Sequence[int], kind: str, config: SafetyTuningConfig, *,
+                  contrast: bool = False) -> list[float]:
     """Per-token loss weights for one encoded example (0 on the prompt).
 
     Response tokens weigh 1, the first response token (the decision) ``config.decision_token_weight``;
-    the whole example is scaled by ``config.harmless_weight`` when it is harmless.
+    the whole example is scaled by ``config.harmless_weight`` when it is harmless, and also by
+    ``config.contrast_weight`` when it is a contrast request.
     """
     if kind not in ("harmful", "harmless"):
         raise ValueError(f"kind must be 'harmful' or 'harmless', got {kind!r}.")
     scale = config.harmless_weight if kind == "harmless" else 1.0
+    if contrast:
+        if kind != "harmless":
+            raise ValueError("label_weights: contrast=True marks a harmless request on a harm topic; this example is harmful.")
+        scale *= config.contrast_weight
     weights = [0.0 if label == -100 else scale for label in labels]
     first = next((i for i, label in enumerate(labels) if label != -100), None)
     if first is not None:
@@ -211,11 +221,11 @@ def label_weights(labels: Sequence[int], kind: str, config: SafetyTuningConfig) 
     return weights
 
 
-def encode_weighted(tokenizer: Any, example: TrainingExample,
-                    config: SafetyTuningConfig) -> tuple[list[int], list[int], list[float]]:
+def encode_weighted(tokenizer: Any, example: TrainingExample, config: SafetyTuningConfig, *,
+                    contrast: bool = False) -> tuple[list[int], list[int], list[float]]:
     """:func:`encode_example` plus the example's :func:`label_weights`: one row for :func:`_collate`."""
     ids, labels = encode_example(tokenizer, example)
-    return ids, labels, label_weights(labels, example.kind, config)
+    return ids, labels, label_weights(labels, example.kind, config, contrast=contrast)
 
 
 def _collate(encoded: list[tuple[list[int], list[int], list[float]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -307,6 +317,14 @@ def make_trainable_model(hf_model: Any, config: SafetyTuningConfig) -> tuple[Any
     return make_lora_model(hf_model, config), None
 
 
+def _contrast_flags(examples: Sequence[TrainingExample]) -> list[bool]:
+    """Per example: a harmless contrast request of this project's sets (looked up by its text)."""
+    from helpers.studies.refusal.data import describe_requests
+
+    found = describe_requests([e.instruction for e in examples])
+    return [e.kind == "harmless" and r is not None and r.contrast for e, r in zip(examples, found)]
+
+
 def train_lora(peft_model: Any, tokenizer: Any, examples: Sequence[TrainingExample],
                config: SafetyTuningConfig) -> list[float]:
     """Train the LoRA parameters of ``peft_model`` on ``examples``; returns the loss of every step.
@@ -319,7 +337,8 @@ def train_lora(peft_model: Any, tokenizer: Any, examples: Sequence[TrainingExamp
     if not examples:
         raise ValueError("train_lora got no training examples.")
     generator = torch.Generator().manual_seed(config.seed)
-    encoded = [encode_weighted(tokenizer, example, config) for example in examples]
+    contrast = _contrast_flags(examples) if config.contrast_weight != 1.0 else [False] * len(examples)
+    encoded = [encode_weighted(tokenizer, example, config, contrast=flag) for example, flag in zip(examples, contrast)]
     n_batches = math.ceil(len(encoded) / config.batch_size)
     total_steps = n_batches * config.epochs
     warmup = max(1, total_steps // 10)
@@ -489,7 +508,9 @@ class SafetyTuningReport:
             f"{self._method()} on {', '.join(self.config['target_modules'])} of {self._blocks()}; seed {self.config['seed']}; "
             f"{self.steps} steps of {self.config['batch_size']} examples ({self.config['epochs']} epochs); "
             f"lr {self.config['learning_rate']}; loss weight {self.config.get('decision_token_weight', 1.0)} on the "
-            f"first response token (the decision), {self.config.get('harmless_weight', 1.0)} on harmless examples.",
+            f"first response token (the decision), {self.config.get('harmless_weight', 1.0)} on harmless examples"
+            + (f" (× {self.config['contrast_weight']} more on contrast requests)" if self.config.get("contrast_weight", 1.0) != 1.0 else "")
+            + ".",
             f"Training data: {self.n_train_harmful} harmful train instructions → refusals, "
             f"{self.n_train_harmless} harmless train instructions → the base model's own greedy answers "
             f"({self.config['harmless_answer_tokens']} tokens; {self.n_dropped_harmless} dropped as refusal-like).",
