@@ -373,8 +373,9 @@ def _component_layer_for_downstream(component: Component) -> tuple[int, int]:
     raise TypeError(f"ablation_effects handles heads and neurons, got {component}.")
 
 
-class _StopForward(Exception):
-    """Raised by a hook to skip the unembedding once the final residual stream is read."""
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once what it needs is read (the rest of the model, the
+    unembedding above all, is skipped); the caller catches it around ``run_with_hooks``."""
 
 
 def _direct_effect_of_ablation(weights: dict[str, torch.Tensor], component: Component, clean_act: torch.Tensor, value: torch.Tensor | None,
@@ -499,7 +500,7 @@ def ablation_effects(
     def read_final(activation: torch.Tensor, hook: Any) -> None:
         clean["resid_dot"] = readout.project(activation.float())[0]
         clean["scale"] = readout.scale(activation.float())
-        raise _StopForward
+        raise StopForward
 
     hooks = [store(name) for name in sorted(names)] + [("ln_final.hook_in", read_final)]
     _run_to_final(model, batch.tokens, batch.attention_mask, hooks)
@@ -554,7 +555,7 @@ def ablation_effects(
             x = activation.float()
             out["resid_dot"] = readout.project(x)
             out["scale"] = readout.scale(x).reshape(k, n, n_pos)
-            raise _StopForward
+            raise StopForward
 
         record_hooks = [record(f"blocks.{l}.{s}") for l in range(n_layers) for s in ("hook_attn_out", "hook_mlp_out")]
         _run_to_final(model, tokens, mask, ablate + record_hooks + [("ln_final.hook_in", final)], start_layer)
@@ -624,7 +625,7 @@ def _chunks(components: Sequence[Component], chunk_size: int, skip_prefix: bool)
 
 
 def _run_to_final(model: Any, inputs: torch.Tensor, mask: torch.Tensor, hooks: list[Hook], start_layer: int = 0) -> None:
-    """Forward pass with ``hooks``; a hook on ``ln_final.hook_in`` ends it by raising _StopForward.
+    """Forward pass with ``hooks``; a hook on ``ln_final.hook_in`` ends it by raising StopForward.
 
     ``start_layer > 0``: ``inputs`` is the residual stream entering that block (``[rows, pos,
     d_model]``) and the earlier blocks are not computed.
@@ -636,7 +637,7 @@ def _run_to_final(model: Any, inputs: torch.Tensor, mask: torch.Tensor, hooks: l
                     model(inputs, attention_mask=mask, start_at_layer=start_layer)
             else:
                 model(inputs, attention_mask=mask)
-    except _StopForward:
+    except StopForward:
         return
     raise RuntimeError("The forward pass never reached ln_final.hook_in; this model's final norm is not hooked as expected.")
 

@@ -60,6 +60,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 
+from helpers.effects import StopForward
 from helpers.metrics import answer_prob, kl_divergence, logit_diff
 from helpers.prompts import TokenBatch, tokenize
 
@@ -552,7 +553,7 @@ def embedding_noise_std(model: Any, scale: float = 3.0, chunk: int = 16384) -> f
 
     def grab(activation: torch.Tensor, hook: Any) -> None:
         captured.append(activation.detach().double())
-        raise _StopAfterEmbedding
+        raise StopForward  # nothing after the embedding is needed
 
     for start in range(0, int(model.cfg.d_vocab), chunk):
         # one token per row (a [chunk, 1] batch): no long sequence, and the forward stops at the embedding
@@ -560,7 +561,7 @@ def embedding_noise_std(model: Any, scale: float = 3.0, chunk: int = 16384) -> f
         captured.clear()
         try:
             model.run_with_hooks(ids, fwd_hooks=[(EMBED_HOOK, grab)])
-        except _StopAfterEmbedding:
+        except StopForward:
             pass
         values = captured[0]
         total += float(values.sum())
@@ -568,10 +569,6 @@ def embedding_noise_std(model: Any, scale: float = 3.0, chunk: int = 16384) -> f
         count += values.numel()
     mean = total / count
     return float(scale * math.sqrt(max(total_sq / count - mean * mean, 0.0) * count / (count - 1)))
-
-
-class _StopAfterEmbedding(Exception):
-    """Raised by :func:`embedding_noise_std`'s hook: nothing after the embedding is needed."""
 
 
 def gaussian_noise_hooks(

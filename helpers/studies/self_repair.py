@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Bool, Float
 
 from helpers.ablation import AblationMethod, Head, ablation_values, resample_reference, stacked_ablation_hooks
-from helpers.effects import AblationEffects, _run_to_final, _StopForward, logit_readout, next_token_targets
+from helpers.effects import AblationEffects, _run_to_final, StopForward, logit_readout, next_token_targets
 from helpers.models import norm_gain, post_sublayer_norm
 from helpers.prompts import TokenBatch
 
@@ -339,7 +339,7 @@ def neuron_repair_tokens(
     def stop(store: dict):
         def hook(activation: torch.Tensor, hook: Any) -> None:
             store["scale"] = readout.scale(activation.float())[where]
-            raise _StopForward
+            raise StopForward
 
         return ("ln_final.hook_in", hook)
 
