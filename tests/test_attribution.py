@@ -3,7 +3,6 @@ numerical directional derivative; it tracks activation patching on the embedded 
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ import torch
 from helpers import attribution, metrics, patching
 from helpers.prompts import tokenize
 
-warnings.filterwarnings("ignore")
 
 CLEAN = [
     "When Mary and John went to the store, John gave a drink to",
