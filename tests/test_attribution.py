@@ -3,7 +3,6 @@ numerical directional derivative; it tracks activation patching on the embedded 
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

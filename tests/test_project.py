@@ -233,3 +233,22 @@ def test_toolkit_does_not_import_the_studies():
     offenders = {name: sorted(t for t in targets if t.startswith("helpers.studies"))
                  for name, targets in graph.items() if not name.startswith("helpers.studies")}
     assert not {name: t for name, t in offenders.items() if t}, offenders
+
+
+def test_committed_progress_bars_are_finished_or_absent():
+    """A tqdm bar whose widget state was not saved shows its creation-time fallback ("0%| 0/90") on GitHub
+    and in JupyterLab alike: scripts/progress_bars.py (run by scripts/reproduce.py) finishes or drops them."""
+    import json
+
+    view = "application/vnd.jupyter.widget-view+json"
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        notebook = json.loads(path.read_text())
+        state = notebook.get("metadata", {}).get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {})
+        saved = set(state.get("state", {}))
+        for index, cell in enumerate(notebook["cells"]):
+            for output in cell.get("outputs", []):
+                data = output.get("data", {})
+                if view in data:
+                    assert data[view]["model_id"] in saved, f"{path.name} cell {index}: a widget output without saved state"
+                    assert not re.search(r"\b0%\|", "".join(data.get("text/plain", ""))), (
+                        f"{path.name} cell {index}: a progress bar reads 0%; run scripts/progress_bars.py on it")
