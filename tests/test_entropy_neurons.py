@@ -605,3 +605,16 @@ def test_bos_ablation_matches_one_forward_pass_per_position(model):
         en.bos_ablation(model, batch, heads, neurons, positions=[0])
     with pytest.raises(ValueError, match="heads"):
         en.bos_ablation(model, batch, [(model.cfg.n_layers, 0)], neurons)
+
+
+def test_run_clean_chunking_does_not_change_the_results(model, batch):
+    whole = en.run_clean(model, batch, [3], batch_size=len(batch))
+    one_by_one = en.run_clean(model, batch, [3], batch_size=1)
+    default = en.run_clean(model, batch, [3])  # rows from helpers.batching's memory budget
+    for other in (one_by_one, default):
+        torch.testing.assert_close(other.entropy, whole.entropy, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(other.loss, whole.loss, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(other.activation(3), whole.activation(3), atol=1e-5, rtol=1e-5)
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            en.run_clean(model, batch, [3], batch_size=bad)

@@ -429,3 +429,12 @@ def test_noise_is_sized_on_the_embeddings_that_enter_the_model(tiny_model):
         assert pp.embedding_noise_std(tiny_model) == pytest.approx(w_e * tiny_model.cfg.d_model ** 0.5, rel=1e-4)
     else:
         assert pp.embedding_noise_std(tiny_model) == pytest.approx(w_e, rel=1e-4)
+
+
+def test_check_facts_is_the_same_at_any_batch_size(tiny_llama, capital_facts):
+    default = pp.check_facts(tiny_llama, capital_facts)  # rows from helpers.batching's memory budget
+    single = pp.check_facts(tiny_llama, capital_facts, batch_size=1)
+    assert [c.rank for c in default] == [c.rank for c in single]
+    assert [c.prob for c in default] == pytest.approx([c.prob for c in single], rel=1e-4, abs=1e-7)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        pp.check_facts(tiny_llama, capital_facts, batch_size=0)

@@ -65,6 +65,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
+from helpers.batching import rows_per_forward
 from helpers.models import norm_eps, norm_gain, post_sublayer_norm
 from helpers.prompts import TokenBatch
 
@@ -438,6 +439,16 @@ def special_token_ids(model: Any) -> list[int]:
     return sorted({i for i in (tok.bos_token_id, tok.eos_token_id) if i is not None})
 
 
+def _chunk_rows(model: Any, n_pos: int, batch_size: int | None) -> int:
+    """``batch_size`` checked, or the memory budget's rows per forward pass when it is ``None``."""
+    if batch_size is None:
+        return rows_per_forward(model, n_pos)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int (sequences per forward pass) or None (from the "
+                         f"memory budget), got {batch_size!r}.")
+    return batch_size
+
+
 @torch.no_grad()
 def run_clean(
     model: Any,
@@ -445,7 +456,7 @@ def run_clean(
     neurons: Sequence[int],
     *,
     log_unigram: Float[torch.Tensor, "d_vocab"] | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     check_readout: bool = True,
 ) -> CleanRun:
     """Run ``batch`` once, caching the final residual stream, the final norm's scale and the
@@ -454,11 +465,15 @@ def run_clean(
     The batch must have no padding (corpus windows from :func:`helpers.corpus.load_corpus_tokens`).
     With ``check_readout`` the first chunk's logits are recomputed from the cached stream with
     :class:`FinalReadout` and must match the model's (else the cache-based effects would be wrong).
+    ``batch_size`` (sequences per forward pass) defaults to what :data:`helpers.batching.FORWARD_BUDGET_BYTES`
+    allows for this model's vocabulary and the windows' length (8 windows of 256 tokens for SmolLM2,
+    1 for Gemma-3's 262k-token vocabulary).
     """
     if not isinstance(batch, TokenBatch):
         raise TypeError(f"batch must be a TokenBatch (e.g. from helpers.corpus.load_corpus_tokens), got {type(batch).__name__}.")
     if not bool((batch.attention_mask == 1).all()):
         raise ValueError("run_clean needs unpadded windows (attention_mask all ones): use helpers.corpus.load_corpus_tokens.")
+    batch_size = _chunk_rows(model, batch.tokens.shape[1], batch_size)
     layer = model.cfg.n_layers - 1
     neurons = [int(n) for n in neurons]
     if any(not 0 <= n < model.cfg.d_mlp for n in neurons):

@@ -60,6 +60,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 
+from helpers.batching import rows_per_forward
 from helpers.effects import StopForward
 from helpers.metrics import answer_prob, kl_divergence, logit_diff
 from helpers.prompts import TokenBatch, tokenize
@@ -201,8 +202,11 @@ def _subject_span(tokenizer: Any, fact: Fact, bos_offset: int) -> tuple[int, int
 
 
 @torch.no_grad()
-def check_facts(model: Any, facts: Sequence[Fact], *, batch_size: int = 32) -> list[FactCheck]:
+def check_facts(model: Any, facts: Sequence[Fact], *, batch_size: int | None = None) -> list[FactCheck]:
     """Run every fact's prompt and record the answer's rank and probability at the last position.
+
+    ``batch_size`` (prompts per forward pass) defaults to what :data:`helpers.batching.FORWARD_BUDGET_BYTES`
+    allows for this model's vocabulary and the longest prompt.
 
     A fact counts as *known* (:attr:`FactCheck.known`) when its answer is one token (with the
     leading space), the subject's tokens can be located, and the answer is the model's top prediction.
@@ -210,6 +214,12 @@ def check_facts(model: Any, facts: Sequence[Fact], *, batch_size: int = 32) -> l
     if len(facts) == 0:
         raise ValueError("check_facts got no facts; load them with load_facts().")
     tokenizer = model.tokenizer
+    if batch_size is None:
+        longest = max(len(tokenizer(f.prompt)["input_ids"]) for f in facts) + 1  # + a BOS the tokenizer may not add
+        batch_size = rows_per_forward(model, longest)
+    elif not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int (prompts per forward pass) or None (from the memory "
+                         f"budget), got {batch_size!r}.")
     checks: list[FactCheck] = []
     for start in range(0, len(facts), batch_size):
         chunk = list(facts[start : start + batch_size])
