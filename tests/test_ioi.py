@@ -285,6 +285,57 @@ def test_copy_scores_match_a_naive_implementation(model_name, data):
     assert len(seen) >= 4, f"the scores should differ between heads so that the comparison can fail: {seen}"
 
 
+def test_in_context_copy_scores_match_a_naive_implementation_on_the_hf_hidden_states(data):
+    """Every head of tiny-llama (weights scaled so the logits spread, random norm gains), both signs: the
+    input is the Hugging Face model's own hidden state entering the head's layer at each prompt's IO token
+    (``output_hidden_states``), sent through the head's value/output rows, the final RMSNorm and lm_head.
+    Reading resid_post, another position, or another value head gives other scores."""
+    model = load_model("tiny-llama", seed=0)
+    cfg, hf = model.cfg, model.original_model
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if param.ndim == 2 and ("self_attn" in name or "mlp" in name):
+                param.mul_(4.0)
+            elif param.ndim == 1:
+                param.copy_(1.0 + 0.5 * torch.randn(param.shape, generator=generator))
+    m, eps, d_head = hf.model, hf.config.rms_norm_eps, cfg.d_head
+    group = cfg.n_heads // cfg.n_key_value_heads
+
+    def rms(x, module):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * module.weight
+
+    tokens, where = data.batch.tokens, data.word_positions["IO"]
+    rows = torch.arange(tokens.shape[0])
+    ids = tokens[rows, where]
+    with torch.no_grad():
+        hidden = hf(input_ids=tokens, attention_mask=data.batch.attention_mask, output_hidden_states=True).hidden_states
+    heads = [(layer, head) for layer in range(cfg.n_layers) for head in range(cfg.n_heads)]
+    top_k, seen = 3000, set()
+    for negative in (False, True):
+        scores = ioi.in_context_copy_scores(model, heads, data, top_k=top_k, negative=negative)
+        assert list(scores) == heads
+        for layer, head in heads:
+            attn, kv = m.layers[layer].self_attn, head // group
+            with torch.no_grad():
+                x = hidden[layer][rows, where]
+                v = rms(x, m.layers[layer].input_layernorm) @ attn.v_proj.weight[kv * d_head:(kv + 1) * d_head].T
+                out = v @ attn.o_proj.weight[:, head * d_head:(head + 1) * d_head].T
+                logits = rms(-out if negative else out, m.norm) @ hf.lm_head.weight.T
+            own, cut = logits.gather(1, ids[:, None])[:, 0], logits.topk(top_k, dim=-1).values[:, -1]
+            noise = 1e-4 * logits.abs().amax(-1)
+            low, high = (own > cut + noise).float().mean().item(), (own >= cut - noise).float().mean().item()
+            assert low <= scores[(layer, head)] <= high, (layer, head, negative, low, high)
+            seen.add(round(low, 3))
+    assert len(seen) >= 4, f"the scores should differ between heads so that the comparison can fail: {seen}"
+    with pytest.raises(ValueError, match="position must be one of"):
+        ioi.in_context_copy_scores(model, heads[:1], data, position="nowhere")
+    with pytest.raises(ValueError, match="top_k must be"):
+        ioi.in_context_copy_scores(model, heads[:1], data, top_k=0)
+    with pytest.raises(ValueError, match="outside the model"):
+        ioi.in_context_copy_scores(model, [(cfg.n_layers, 0)], data)
+
+
 def test_copy_scores_read_each_query_heads_own_value_head_in_grouped_query_attention(data):
     """A hand-built layer of tiny-llama (4 query heads, 2 key/value heads): value head 0 and value head 1
     carry opposite OV circuits that copy (resp. anti-copy) 16 names exactly; query heads 0, 1 read value
@@ -543,3 +594,11 @@ def test_embedded_model_solves_ioi_and_abc_removes_the_signal():
     assert clean["logit_diff"] > 2.0 and clean["frac_io_above_s"] >= 0.75
     assert abs(corrupted["logit_diff"]) < 1.0
     assert swapped["logit_diff"] < -1.0
+
+
+def test_head_class_table_adds_extra_score_columns():
+    classes = {"name mover": [(1, 2), (0, 1)]}
+    table = ioi.head_class_table(classes, copy={(1, 2): 0.9, (0, 1): 0.4}, scores={"copy score (paper)": {(1, 2): 0.0}})
+    assert list(table["head"]) == ["1.2", "0.1"]
+    assert list(table["copy score"]) == [0.9, 0.4]
+    assert table.loc[0, "copy score (paper)"] == 0.0 and table["copy score (paper)"].isna().tolist() == [False, True]

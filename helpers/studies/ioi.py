@@ -39,6 +39,7 @@ Analysis (the notebook ``02_ioi_circuit`` uses these; patching sweeps themselves
     ioi_baseline(model, data)                    # logit diff, fraction IO > S, P(IO), P(S)
     attention_scores(model, data)                # [layer, head] END->IO, END->S2, S2->S1+1, S2->S1, prev token
     copy_scores(model, heads, names)             # the paper's copy score (negative=True for negative movers)
+    in_context_copy_scores(model, heads, data)   # the same on the residual the head reads at IO
     direct_effect_classes / s_inhibition_heads / pattern_classes   # head classes from explicit HeadClassRules
     circuit = circuit_from_classes(classes)      # head -> word positions where it is kept
     faithfulness(model, data, data.abc(), circuit)          # F(M), F(C), F(C)/F(M)
@@ -743,6 +744,34 @@ def name_token_residuals(model: Any, names: Sequence[str]) -> tuple[Float[torch.
 
 
 @torch.no_grad()
+def _ov_copy_fraction(model: Any, layer: int, head: int, resid: Float[torch.Tensor, "n d_model"],
+                      ids: Int[torch.Tensor, "n"], *, top_k: int, negative: bool) -> float:
+    """Fraction of rows whose token ``ids[i]`` is in the ``top_k`` logits of ``resid[i]`` sent through the
+    head's input norm, its OV circuit (query head ``h`` reads value head ``h // (n_heads // n_kv_heads)``),
+    its post-attention norm when the model has one (Gemma-2/3), the final norm and the unembedding."""
+    group = model.cfg.n_heads // (getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads)
+    b_V = getattr(model, "b_V", None)
+    x = model.blocks[layer].ln1(resid[None])[0]
+    value = x @ model.W_V[layer, head // group]
+    if b_V is not None:
+        value = value + b_V[layer, head // group]
+    out = value @ model.W_O[layer, head]
+    post_norm = getattr(model.blocks[layer], "ln1_post", None)  # Gemma-2/3 normalise the attention output
+    if post_norm is not None:
+        out = post_norm(out[None])[0]
+    if negative:
+        out = -out
+    logits = model.unembed(model.ln_final(out[None]))[0]
+    top = logits.topk(top_k, dim=-1).indices
+    return (top == ids.to(top.device)[:, None]).any(-1).float().mean().item()
+
+
+def _check_top_k(top_k: int, model: Any) -> None:
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= model.cfg.d_vocab:
+        raise ValueError(f"top_k must be an int in 1..{model.cfg.d_vocab} (the vocabulary), got {top_k!r}; the paper uses 5.")
+
+
+@torch.no_grad()
 def copy_scores(
     model: Any, heads: Sequence[HeadIndex], names: Sequence[str], *, top_k: int = 5, negative: bool = False
 ) -> dict[HeadIndex, float]:
@@ -756,29 +785,51 @@ def copy_scores(
     write *minus* the name). Grouped-query attention: query head ``h`` reads value head
     ``h // (n_heads // n_kv_heads)``. A post-attention norm (Gemma-2/3) is applied to the head's
     output before the final norm, as the model does.
+
+    The residual after the first MLP stands in for "the name" only where a name's identity is readable
+    there (GPT-2, SmolLM2). Where it is not (Gemma-3-270M: no head scores above 0 although its heads copy
+    names in context), :func:`in_context_copy_scores` reads the residual the head actually sees.
     """
+    _check_top_k(top_k, model)
     resid, ids = name_token_residuals(model, names)
-    n_heads = model.cfg.n_heads
-    n_kv = getattr(model.cfg, "n_key_value_heads", None) or n_heads
-    group = n_heads // n_kv
-    W_V, W_O = model.W_V, model.W_O
-    b_V = getattr(model, "b_V", None)
-    scores = {}
-    for layer, head in heads:
-        x = model.blocks[layer].ln1(resid[None])[0]
-        value = x @ W_V[layer, head // group]
-        if b_V is not None:
-            value = value + b_V[layer, head // group]
-        out = value @ W_O[layer, head]
-        post_norm = getattr(model.blocks[layer], "ln1_post", None)  # Gemma-2/3 normalise the attention output
-        if post_norm is not None:
-            out = post_norm(out[None])[0]
-        if negative:
-            out = -out
-        logits = model.unembed(model.ln_final(out[None]))[0]
-        top = logits.topk(top_k, dim=-1).indices
-        scores[(layer, head)] = (top == ids.to(top.device)[:, None]).any(-1).float().mean().item()
-    return scores
+    return {(layer, head): _ov_copy_fraction(model, layer, head, resid, ids, top_k=top_k, negative=negative)
+            for layer, head in heads}
+
+
+@torch.no_grad()
+def in_context_copy_scores(
+    model: Any, heads: Sequence[HeadIndex], data: IOIDataset, *, top_k: int = 5, negative: bool = False,
+    position: str = "IO",
+) -> dict[HeadIndex, float]:
+    """The copy score on the residual stream each head actually reads in the IOI prompts.
+
+    As :func:`copy_scores`, but the input to the head's OV circuit is ``resid_pre`` of the head's own
+    layer at the ``position`` word (default the indirect object, the name a name mover attends to) of every
+    prompt of ``data``, and the target is that position's token. It asks "does this head copy the name it
+    attends to, as the name is represented when the head reads it?" — the paper's question without the
+    assumption that a name is represented at mid depth as it is after the first MLP. The score is the
+    fraction of prompts whose name is in the ``top_k`` logits.
+    """
+    _check_top_k(top_k, model)
+    if position not in data.word_positions:
+        raise ValueError(f"position must be one of {sorted(data.word_positions)}, got {position!r}.")
+    layers = sorted({int(layer) for layer, _ in heads})
+    bad = [l for l in layers if not 0 <= l < model.cfg.n_layers]
+    if bad:
+        raise ValueError(f"heads name layers {bad}, outside the model's 0..{model.cfg.n_layers - 1}.")
+    tokens = data.batch.tokens
+    where = data.word_positions[position].to(tokens.device)
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    ids = tokens[rows, where]
+    resid: dict[int, torch.Tensor] = {}
+
+    def keep(act: torch.Tensor, hook: Any) -> None:
+        resid[int(hook.name.split(".")[1])] = act[rows, where].detach().clone()
+
+    model.run_with_hooks(tokens, attention_mask=data.batch.attention_mask,
+                         fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", keep) for layer in layers])
+    return {(layer, head): _ov_copy_fraction(model, layer, head, resid[layer], ids, top_k=top_k, negative=negative)
+            for layer, head in heads}
 
 
 # ==================================================================================================
@@ -1328,8 +1379,10 @@ def head_class_table(
     negative_copy: dict[HeadIndex, float] | None = None,
     path_to_name_movers: torch.Tensor | None = None,
     head_patching: torch.Tensor | None = None,
+    scores: dict[str, dict[HeadIndex, float]] | None = None,
 ) -> "pandas.DataFrame":  # noqa: F821
-    """One row per classified head with the evidence that put it in its class."""
+    """One row per classified head with the evidence that put it in its class; ``scores`` adds one
+    column per entry (e.g. ``{"copy score (paper)": copy_scores(...)}``), blank for heads it lacks."""
     import pandas as pd
 
     rows = []
@@ -1350,5 +1403,8 @@ def head_class_table(
                 row["copy score"] = copy[(layer, head)]
             if negative_copy is not None and (layer, head) in negative_copy:
                 row["neg. copy score"] = negative_copy[(layer, head)]
+            for column, values in (scores or {}).items():
+                if (layer, head) in values:
+                    row[column] = values[(layer, head)]
             rows.append(row)
     return pd.DataFrame(rows)
