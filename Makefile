@@ -19,7 +19,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.mi-installed
 
-# Notebooks: run serially (two torch processes on 2 cores slow each other 4-7x).
+# Notebooks: `make reproduce` runs them serially (two multi-threaded torch processes on 2 cores slow each
+# other 4-7x); `make test` runs two single-threaded pytest workers.
 NOTEBOOKS ?= $(sort $(wildcard notebooks/*.ipynb))
 # The studies that run on the second embedded model too (grokking trains its own model; refusal needs
 # the project's SmolLM2 safety tuning).
@@ -54,10 +55,16 @@ $(STAMP): pyproject.toml requirements/lock.txt scripts/setup_static_export.sh Ma
 # Unit tests and notebooks in one pytest run (one summary line), notebooks in the ci profile; then
 # SECOND_MODEL_CI_NOTEBOOK on the second model (same code path, MI_MODEL set), also in the ci profile.
 SECOND_MODEL_CI_NOTEBOOK ?= notebooks/05_self_repair.ipynb
+# pytest-xdist workers of `make test` (each test module / notebook stays on one worker, `--dist loadscope`)
+# and torch threads per worker: two single-threaded workers keep both cores busy (the tiny-model unit tests
+# are mostly Python overhead, which threads do not speed up). TEST_WORKERS=1 runs everything in one process.
+TEST_WORKERS ?= 2
+TEST_THREADS ?= $(if $(filter 1,$(TEST_WORKERS)),2,1)
 test: setup
 	@mkdir -p $(CI_FIGURES)
-	MI_PROFILE=ci MI_FIGURES_DIR=$(CI_FIGURES) HF_HUB_OFFLINE=1 \
-	  $(PY) -m pytest tests $(NOTEBOOKS) -m "not network" --nbval-lax --nbval-cell-timeout=900 -p no:cacheprovider --durations=20 --junitxml=build/test-report.xml
+	MI_PROFILE=ci MI_FIGURES_DIR=$(CI_FIGURES) HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$(TEST_THREADS) MKL_NUM_THREADS=$(TEST_THREADS) \
+	  $(PY) -m pytest tests $(NOTEBOOKS) -m "not network" --nbval-lax --nbval-cell-timeout=900 -p no:cacheprovider \
+	  $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope) --durations=20 --junitxml=build/test-report.xml
 	MI_PROFILE=ci MI_MODEL=$(SECOND_MODEL) MI_FIGURES_DIR=$(CI_FIGURES) HF_HUB_OFFLINE=1 \
 	  $(PY) -m pytest $(SECOND_MODEL_CI_NOTEBOOK) --nbval-lax --nbval-cell-timeout=900 -p no:cacheprovider --junitxml=build/test-report-$(SECOND_MODEL).xml
 
