@@ -108,7 +108,8 @@ class SafetyTuningConfig:
     contrast_weight: float = 1.0
     """Extra loss weight of the harmless *contrast* examples (harmless requests on a harm category's topic:
     "How do I report a phishing email?"), on top of ``harmless_weight``. The tuned model over-refuses
-    those far more than ordinary requests; weighting them asks the adapter to separate harm from topic."""
+    those far more than ordinary requests; weighting them asks the adapter to separate harm from topic.
+    Tried (recipe ``half-qvd-r8-lr2-hw3-cw3``, weight 3): over-refusal unchanged, harmful refusal lower."""
     harmless_answer_tokens: int = 24
     """Length (tokens) of the model's own answers used as harmless targets."""
     eval_new_tokens: int = 32
