@@ -53,14 +53,15 @@ STUDIES = [
     dict(notebook="03_refusal_direction", study="Refusal is mediated by a single direction",
          paper="Arditi et al. 2024 (+ ACE, Marshall et al. 2024)", paper_model="Gemma-2B-it (Qwen-1.8B-chat by one parameter)",
          embedded_model="SmolLM2-135M-Instruct + project LoRA safety tuning (lower half of the blocks)",
-         runtime_embedded="not run since the rewrite (a run beside three other jobs was stopped after 50 min)",
+         runtime_embedded="66.0 min (beside three other jobs, 1 thread; 2026-12-02)",
          runtime_ci="6.5 min alone before HarmBench was added (3 more conditions × 18 prompts; not re-measured alone)",
-         status="partly reproduced on the safety-tuned embedded model. Recipe evaluation (`safety_recipes.md`; 64 test "
-                "+ 35 style-shift prompts per side): ablating r cuts harmful refusal 0.88 → 0.02 (test) and 0.94 → 0.03 "
-                "(style-shift); adding r makes harmless prompts refuse 0.17 → 0.77 / 0.60 → 0.91; ACE alike; on "
-                "HarmBench (ci run, 18 behaviours) ablation 0.50 → 0.22, ACE 0.17. Not reproduced: the KL ≤ 0.1 filter "
-                "(no candidate passes; lowest 0.196), low over-refusal (harmless 0.22 test, 0.55 style-shift), refusal "
-                "of HarmBench's phrasing (0.48 of 200), capabilities (harmless KL 0.38, Wikipedia loss +5.6%)"),
+         status="partly reproduced on the safety-tuned embedded model; the embedded run fails the notebook's loss "
+                "check. Embedded run (50 test + 35 style-shift prompts per side, 48 HarmBench behaviours): tuned "
+                "harmful refusal 0.90 / 0.94 / 0.48; ablating r leaves 0.04 / 0.03 / 0.02, ACE 0.02 / 0.00 / 0.04; "
+                "adding r makes harmless prompts refuse 0.14 → 0.74 (test), 0.60 → 0.91 (style-shift). Not "
+                "reproduced: the KL ≤ 0.1 filter (no candidate passes; chosen 0.278), low over-refusal (0.14 test, "
+                "of which contrast requests 0.40; 0.60 style-shift), refusal of HarmBench's phrasing, capabilities "
+                "(harmless KL 0.28, Wikipedia loss +5.6%: the assertion's 5% limit fails)"),
     dict(notebook="04_entropy_neurons", study="Entropy & token-frequency neurons",
          paper="Stolfo et al. 2024", paper_model="GPT-2 small", embedded_model="SmolLM2-135M-Instruct",
          runtime_embedded="66.6 min (shared CPU, 1 thread)", runtime_ci="0.8–1.1 min [≈1] before the induction/BOS sections",
