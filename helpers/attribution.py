@@ -28,7 +28,7 @@ from jaxtyping import Float, Int
 
 from helpers.metrics import Metric, _check_answer_tokens, _positions_tensor
 from helpers.labelled_tensor import LabelledTensor
-from helpers.models import norm_gain, post_sublayer_norm, post_sublayer_norm_hook
+from helpers.models import final_norm, norm_gain, post_sublayer_norm, post_sublayer_norm_hook
 from helpers.patching.engine import _scalar
 from helpers.patching.inputs import Direction, _check_direction, _check_hook_names, _check_pair, _position_labels
 
@@ -94,9 +94,9 @@ def _final_norm_direction(model: Any, cache: Any, directions: torch.Tensor, posi
     scale = cache["ln_final.hook_scale"]  # [batch, pos, 1]
     rows = torch.arange(scale.shape[0], device=scale.device)
     scale = scale[rows, positions]  # [batch, 1]
-    weight = norm_gain(model.ln_final)  # γ, or 1 + γ for Gemma's offset norms
-    effective = directions * (weight.to(directions) if weight is not None else 1.0)
-    centre = str(getattr(model.cfg, "normalization_type", "LN")).upper().startswith("LN")
+    norm = final_norm(model)  # γ (1 + γ for Gemma's offset norms), centring; raises instead of guessing
+    effective = directions * norm.gain.to(directions)
+    centre = norm.centre
     return effective / scale, centre
 
 

@@ -78,7 +78,7 @@ from helpers.ablation import (
     resample_reference,
     stacked_ablation_hooks,
 )
-from helpers.models import norm_eps, norm_gain, post_sublayer_norm, post_sublayer_norm_hook
+from helpers.models import final_norm, norm_eps, norm_gain, post_sublayer_norm, post_sublayer_norm_hook
 from helpers.patching.engine import skip_blocks_below
 from helpers.prompts import TokenBatch
 
@@ -159,17 +159,9 @@ def next_token_targets(batch: TokenBatch) -> tuple[Int[torch.Tensor, "batch pos"
     return targets, valid
 
 
-def _norm_affine(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    norm = model.ln_final
-    weight = norm_gain(norm)  # 1 + γ for Gemma's offset norms
-    bias = getattr(norm.original_component, "bias", None)
-    uses_rms = bool(getattr(norm, "uses_rms_norm", False))
-    return weight, (None if uses_rms or bias is None else bias.detach())
-
-
 def uses_centring(model: Any) -> bool:
     """True for LayerNorm (the final norm subtracts the mean), False for RMSNorm."""
-    return not bool(getattr(model.ln_final, "uses_rms_norm", False))
+    return final_norm(model).centre
 
 
 @dataclass
@@ -199,19 +191,17 @@ class LogitReadout:
 
 def logit_readout(model: Any, targets: Int[torch.Tensor, "batch pos"]) -> LogitReadout:
     """The :class:`LogitReadout` of ``model`` for target token ids ``targets``."""
-    weight, bias = _norm_affine(model)
+    norm = final_norm(model)  # raises when the final norm cannot be read (no guessed defaults)
     W_U = model.W_U.detach()  # [d_model, d_vocab]
     b_U = model.b_U.detach() if getattr(model, "b_U", None) is not None else torch.zeros(W_U.shape[1], device=W_U.device)
     columns = W_U[:, targets].permute(1, 2, 0)  # [batch, pos, d_model]
-    directions = columns * weight
-    centre = uses_centring(model)
+    directions = columns * norm.gain.to(columns)
+    centre, eps = norm.centre, norm.eps
     if centre:
         directions = directions - directions.mean(-1, keepdim=True)
     constant = b_U[targets]
-    if bias is not None:
-        constant = constant + columns @ bias
-    eps = float(getattr(model.ln_final.original_component, "variance_epsilon",
-                        getattr(model.ln_final.original_component, "eps", getattr(model.cfg, "eps", 1e-5))))
+    if norm.bias is not None:
+        constant = constant + columns @ norm.bias.to(columns)
     return LogitReadout(directions.float(), constant.float(), centre, eps)
 
 

@@ -50,6 +50,7 @@ RMSNorm-invariant).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -62,6 +63,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from jaxtyping import Float
 
 from helpers.packaged_files import assemble_packaged_file, packaged_file, sha256_of
 
@@ -637,6 +639,46 @@ def norm_eps(norm: Any, default: float = 1e-5) -> float:
     return float(getattr(getattr(norm, "config", None), "eps", default))
 
 
+@dataclasses.dataclass(frozen=True)
+class FinalNorm:
+    """The final norm as an affine readout: ``x ↦ gain ⊙ centre?(x) / scale(x) + bias``.
+
+    ``gain`` is ``γ`` (``1 + γ`` for Gemma's offset norms), ``bias`` the LayerNorm bias (``None`` for
+    RMSNorm or a norm without one), ``centre`` whether the mean is subtracted first (LayerNorm),
+    ``eps`` what is added to the variance. Direct logit attribution and :mod:`helpers.effects` both
+    read the final norm through this one description.
+    """
+
+    gain: Float[torch.Tensor, "d_model"]
+    bias: Float[torch.Tensor, "d_model"] | None
+    centre: bool
+    eps: float
+
+
+def final_norm(model: Any) -> FinalNorm:
+    """The :class:`FinalNorm` of a bridge model's ``ln_final``; raises when it cannot be read.
+
+    No defaults are guessed: a model without ``ln_final``, a final norm that is not a TransformerLens
+    normalisation bridge (so LayerNorm vs RMSNorm is unknown) or one without a weight raises a
+    ``ValueError`` saying what was found, instead of silently attributing through ``γ = 1``.
+    """
+    norm = getattr(model, "ln_final", None)
+    if norm is None:
+        raise ValueError(f"{type(model).__name__} has no `ln_final`: the final-norm readout needs a bridge "
+                         "model (helpers.models.load_model) whose final norm is `model.ln_final`.")
+    if not hasattr(norm, "uses_rms_norm") or getattr(norm, "original_component", None) is None:
+        raise ValueError(f"model.ln_final is a {type(norm).__name__}, not a TransformerLens normalisation bridge "
+                         "wrapping the model's norm, so whether it centres (LayerNorm) or not (RMSNorm) is "
+                         "unknown. Load the model with helpers.models.load_model.")
+    gain = norm_gain(norm)
+    if gain is None:
+        raise ValueError(f"model.ln_final ({type(norm.original_component).__name__}) has no weight. A final norm "
+                         "without an affine weight is not supported by the direct-effect readouts.")
+    rms = bool(norm.uses_rms_norm)
+    bias = None if rms else getattr(norm.original_component, "bias", None)
+    return FinalNorm(gain.float(), None if bias is None else bias.detach().float(), not rms, norm_eps(norm))
+
+
 def post_sublayer_norm(model: Any, layer: int, sublayer: str) -> Any | None:
     """The norm that rescales a sublayer's output before it is added to the residual stream, or ``None``.
 
@@ -666,14 +708,14 @@ def model_display_name(model: Any) -> str:
 
 @contextlib.contextmanager
 def _quiet_loading():
-    """Silence the progress bars and deprecation chatter of loading; every other warning surfaces.
+    """Silence the weight-loading progress bars; every warning surfaces.
 
-    Only ``DeprecationWarning`` / ``FutureWarning`` (library-internal API notices) and the
-    weight-loading progress bars are silenced. ``UserWarning``s and the libraries' logged warnings
-    (e.g. transformers' "Some weights of … were not initialized", which would mean a paper model
-    loaded with missing weights) still reach the user. Loading the embedded and tiny models emits
-    none of those (checked: tests/test_models.py). TransformerLens sets the ``transformers`` logger to
-    ERROR when its bridge is imported; while loading it is put back to WARNING, so those messages show.
+    No warning category is silenced: loading the embedded, Gemma and tiny models on the pinned stack
+    emits none (checked, cache built from the GGUF and cached: tests/test_models.py), so a warning
+    seen while loading is news — e.g. transformers' "Some weights of … were not initialized", which
+    would mean a paper model loaded with missing weights. TransformerLens sets the ``transformers``
+    logger to ERROR when its bridge is imported; while loading it is put back to WARNING, so those
+    messages show.
     """
     import logging
 
@@ -691,8 +733,6 @@ def _quiet_loading():
         hf_logging, bars_were_on = None, False
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("always", CacheRebuildWarning)  # a rebuilt cache is news, not chatter
             yield
     finally:

@@ -110,6 +110,108 @@ def test_dla_heads_and_neurons_add_up_to_their_layer(llama, gpt2):
         assert by_neuron.values.sum().item() + b_out == pytest.approx(by_layer.values[-1].item(), abs=1e-4)
 
 
+def _perturbed(name):
+    """A tiny model whose final norm is not the identity: random γ far from 1 (Gemma: the stored offset) and,
+    for LayerNorm, a random β, plus a random unembedding bias where the layout has one — so every correction
+    term of the readout is exercised (random init leaves γ = 1 and β = 0)."""
+    model, clean, _, answers = _setup(name)
+    generator = torch.Generator().manual_seed(7)
+    norm = model.original_model.transformer.ln_f if name == "tiny-gpt2" else model.original_model.model.norm
+    with torch.no_grad():
+        norm.weight.copy_(torch.empty_like(norm.weight).uniform_(0.3, 2.0, generator=generator))
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.copy_(torch.randn(norm.bias.shape, generator=generator) * 0.5)
+        head = model.original_model.lm_head
+        if getattr(head, "bias", None) is not None:
+            head.bias.copy_(torch.randn(head.bias.shape, generator=generator) * 0.5)
+    return model, clean, answers, norm
+
+
+def _hf_final_norm_readout(name, norm, resid, directions):
+    """Reference written from the Hugging Face final-norm module (not the bridge): the frozen-scale map
+    ``component ↦ (centre?(component) / s) · (g ⊙ direction)`` with ``s`` computed from the final residual
+    ``resid [batch, d_model]`` as the module does, ``g = weight`` (``1 + weight`` for Gemma-3), and the
+    constant ``β · direction``."""
+    if name == "tiny-gpt2":
+        centred = resid - resid.mean(-1, keepdim=True)
+        s = (centred.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+        gain, constant = norm.weight, directions @ norm.bias
+    else:
+        eps = norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
+        s = (resid.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        gain = 1.0 + norm.weight if name == "tiny-gemma3" else norm.weight
+        constant = torch.zeros(resid.shape[0])
+
+    def read(component):  # [batch, ..., d_model] -> [batch, ...]
+        if name == "tiny-gpt2":
+            component = component - component.mean(-1, keepdim=True)
+        shape = (resid.shape[0],) + (1,) * (component.ndim - 2) + (resid.shape[1],)
+        return (component * (gain * directions / s).view(shape)).sum(-1)
+
+    return read, constant
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-gemma3"])
+def test_dla_matches_a_reference_written_from_the_hf_final_norm(name):
+    model, clean, answers, norm = _perturbed(name)
+    logits, cache = _cache(model, clean)
+    directions = attribution.logit_diff_directions(model, answers)
+    resid = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][:, -1]
+    read, constant = _hf_final_norm_readout(name, norm, resid, directions)
+    unembed_bias = model.original_model.lm_head.bias
+    if unembed_bias is not None:
+        constant = constant + unembed_bias[answers[:, 0]] - unembed_bias[answers[:, 1]]
+    with torch.no_grad():
+        by_layer = attribution.direct_logit_attribution(model, cache, answers, by="layer", reduce="none").values
+        # the components plus the biases' constant are the model's real logit difference (scale frozen at its value)
+        torch.testing.assert_close(by_layer.sum(-1) + constant, metrics.logit_diff(logits, answers, reduce="none"),
+                                   atol=2e-4, rtol=0)
+        # ... and each component is the reference's readout of it
+        parts = [cache["blocks.0.hook_resid_pre"][:, -1]]
+        for i in range(model.cfg.n_layers):
+            parts += [cache[f"blocks.{i}.hook_attn_out"][:, -1], cache[f"blocks.{i}.hook_mlp_out"][:, -1]]
+        torch.testing.assert_close(by_layer, read(torch.stack(parts, 1)), atol=1e-4, rtol=1e-4)
+        if name != "tiny-gemma3":  # heads: z @ W_O from the HF output projection (Gemma's post-norm: see above)
+            by_head = attribution.direct_logit_attribution(model, cache, answers, by="head", reduce="none").values
+            d_head = model.cfg.d_head
+            for layer in range(model.cfg.n_layers):
+                z = cache[f"blocks.{layer}.attn.hook_z"][:, -1]  # [batch, head, d_head]
+                if name == "tiny-gpt2":
+                    W_O = model.original_model.transformer.h[layer].attn.c_proj.weight  # [in, out]
+                else:
+                    W_O = model.original_model.model.layers[layer].self_attn.o_proj.weight.T
+                outs = torch.stack([z[:, h] @ W_O[h * d_head:(h + 1) * d_head] for h in range(model.cfg.n_heads)], 1)
+                torch.testing.assert_close(by_head[:, layer], read(outs), atol=1e-4, rtol=1e-4)
+
+
+def test_dla_uses_the_norm_gain_not_one():
+    """The perturbed γ is far from 1, so a readout that dropped it (the old fallback) would be far off."""
+    model, clean, answers, norm = _perturbed("tiny-gpt2")
+    _, cache = _cache(model, clean)
+    with torch.no_grad():
+        got = attribution.direct_logit_attribution(model, cache, answers, by="layer").values
+        norm.weight.fill_(1.0)
+        without_gain = attribution.direct_logit_attribution(model, cache, answers, by="layer").values
+    assert (got - without_gain).abs().max() > 1e-2
+
+
+def test_final_norm_readout_raises_instead_of_guessing(tiny_llama):
+    from types import SimpleNamespace
+
+    from helpers.models import final_norm
+
+    with pytest.raises(ValueError, match="no `ln_final`"):
+        final_norm(SimpleNamespace(cfg=tiny_llama.cfg))
+    with pytest.raises(ValueError, match="not a TransformerLens normalisation bridge"):
+        final_norm(SimpleNamespace(cfg=tiny_llama.cfg, ln_final=torch.nn.LayerNorm(4)))
+    weightless = SimpleNamespace(uses_rms_norm=True, uses_weight_offset=False, weight=None,
+                                 original_component=torch.nn.RMSNorm(4, elementwise_affine=False))
+    with pytest.raises(ValueError, match="has no weight"):
+        final_norm(SimpleNamespace(cfg=tiny_llama.cfg, ln_final=weightless))
+    readout = final_norm(tiny_llama)
+    assert readout.centre is False and readout.bias is None and readout.gain.shape == (tiny_llama.cfg.d_model,)
+
+
 def test_dla_validates_inputs(llama):
     model, clean, _, answers = llama
     with torch.no_grad():
@@ -138,6 +240,7 @@ def llama64(request):
 
 @pytest.mark.parametrize("component, hook, index", [
     ("heads", "blocks.1.attn.hook_z", (slice(None), slice(None), 2)),
+    ("heads per position", "blocks.1.attn.hook_z", (slice(None), 12, 2)),  # one head at one position
     ("resid", "blocks.2.hook_resid_pre", (slice(None), 10)),  # the changed (second-subject) token
     ("mlp_out", "blocks.0.hook_mlp_out", (slice(None), -1)),
     ("attn_out", "blocks.1.hook_attn_out", (slice(None), 12)),
@@ -147,8 +250,8 @@ def test_attribution_patching_is_the_directional_derivative(llama64, component, 
     """estimate - metric(target) == d/dt metric(target with act + t (source - target) at one component), t=0."""
     model, clean, corrupted, answers = llama64
     metric = metrics.make_logit_diff_metric(answers, clean)
-    result = attribution.attribution_patch(model, clean, corrupted, metric, component=component,
-                                           direction=direction)
+    result = attribution.attribution_patch(model, clean, corrupted, metric, component=component.split()[0],
+                                           direction=direction, per_position=True if component.endswith("position") else None)
     target, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     with torch.no_grad():
         _, source_cache = model.run_with_cache(source.tokens, attention_mask=source.attention_mask, names_filter=[hook])
@@ -171,6 +274,8 @@ def test_attribution_patching_is_the_directional_derivative(llama64, component, 
     layer = int(hook.split(".")[1])
     if component == "heads":
         estimate = result.values[layer, index[2]].item()
+    elif component == "heads per position":
+        estimate = result.values[layer, index[1], index[2]].item()
     else:
         estimate = result.values[layer, index[1]].item()
     assert estimate - metric(target_logits).item() == pytest.approx(derivative, rel=2e-3, abs=1e-7)
@@ -185,9 +290,8 @@ def test_attribution_patching_shapes_and_baselines(llama):
     assert heads.dims == ("layer", "head") and heads.shape == (n_layers, model.cfg.n_heads)
     by_pos = attribution.attribution_patch(model, clean, corrupted, metric, "heads", per_position=True)
     assert by_pos.shape == (n_layers, n_pos, model.cfg.n_heads)
-    # per-position estimates add up to the all-position one (the approximation is linear)
-    torch.testing.assert_close((by_pos.values - by_pos.meta["corrupted_value"]).sum(1),
-                               heads.values - heads.meta["corrupted_value"], atol=1e-5, rtol=0)
+    # the per-position values are checked entry by entry against a numerical derivative
+    # (test_attribution_patching_is_the_directional_derivative, "heads per position")
     resid = attribution.attribution_patch(model, clean, corrupted, metric, "resid")
     assert resid.dims == ("layer", "pos") and resid.shape == (n_layers, n_pos)
     with torch.no_grad():
