@@ -574,3 +574,21 @@ def test_phase_changes_on_a_hand_built_curve():
         fourier.phase_changes(epochs, values, fourier.Phases(600, 200, 800, None))
     with pytest.raises(ValueError, match="one value per checkpoint"):
         fourier.phase_changes(epochs, values[:-1], phases)
+
+
+def test_loading_the_committed_result_rechecks_the_final_row(tmp_path):
+    """load_committed_result (the notebook's ci path) recomputes the history's final row: a stored measure that
+    the code would not produce is refused, naming it."""
+    import shutil
+
+    from helpers.studies.grokking.training import DATA_DIR
+
+    fourier.load_committed_result()  # the committed files are consistent
+    for name in ("checkpoint.pt", "history.npz"):
+        shutil.copy(DATA_DIR / name, tmp_path / name)
+    history = dict(np.load(tmp_path / "history.npz"))
+    history["gini_W_L"] = history["gini_W_L"].copy()
+    history["gini_W_L"][-1] *= 1.01
+    np.savez(tmp_path / "history.npz", **history)
+    with pytest.raises(RuntimeError, match="gini_W_L"):
+        fourier.load_committed_result(tmp_path)

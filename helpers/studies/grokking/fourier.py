@@ -692,7 +692,8 @@ def load_committed_result(directory: Any = None, device: str | torch.device = "c
     """The committed checkpoint + history (``helpers/data/grokking``), as a :class:`GrokkingResult`.
 
     The key frequencies are recomputed from the loaded weights (and checked against the ones the
-    training script stored)."""
+    training script stored), and so is the history's final row (every progress measure, checked
+    against the stored one): a change to the measuring code shows here, not only in a new training run."""
     from pathlib import Path
 
     from helpers.studies.grokking.training import DATA_DIR, load_checkpoint, load_history, make_dataset
@@ -707,10 +708,42 @@ def load_committed_result(directory: Any = None, device: str | torch.device = "c
         raise RuntimeError(f"Key frequencies of the loaded weights {keys} differ from those stored with the "
                            f"checkpoint {stored}: the files are inconsistent; regenerate them with "
                            "`python scripts/train_grokking_checkpoint.py`.")
+    _check_final_row(model, data[0], keys, history)
     source = (f"loaded from {directory.name}/checkpoint.pt: trained by scripts/train_grokking_checkpoint.py for "
               f"{metadata.get('epochs')} epochs (seed {metadata.get('seed')}, {metadata.get('threads')} CPU "
               f"thread(s), {metadata.get('train_seconds')} s, {metadata.get('created')})")
     return GrokkingResult(model, data, [keys], [clusters], history, source, None)
+
+
+def _check_final_row(model: GrokkingTransformer, data: ModularAdditionData, keys: Sequence[int],
+                     history: Mapping[str, np.ndarray], rel: float = 1e-3) -> None:
+    """Recompute the committed history's last row from the committed final weights and compare.
+
+    Every progress measure (losses, accuracies, restricted / excluded loss, Gini coefficients, sum of
+    squared weights) at the final epoch, with :func:`progress_measures` on a one-snapshot run — so a
+    notebook that reads the committed history also exercises the measuring code. ``rel`` allows for
+    float32 logits (the tiny final losses, ~1e-7, keep ~1e-4 relative precision).
+    """
+    from helpers.studies.grokking.training import TrainingRun
+
+    if int(history["epoch"][-1]) != model.config.n_epochs:
+        raise RuntimeError(f"The committed history ends at epoch {int(history['epoch'][-1])}, the checkpoint at "
+                           f"{model.config.n_epochs}: regenerate both with `python scripts/train_grokking_checkpoint.py`.")
+    snapshot = TrainingRun(model.config, model, [data], np.zeros((0, 1)), np.array([model.config.n_epochs]),
+                           {name: value[None].detach() for name, value in model.params.items()}, 0.0)
+    row = progress_measures(snapshot, [list(keys)], progress=False)
+    off = {}
+    for name, values in row.items():
+        if name == "epoch":
+            continue
+        got, stored = float(values[0, 0]), float(np.asarray(history[name])[-1])
+        if not abs(got - stored) <= rel * max(abs(stored), 1e-12):
+            off[name] = (stored, got)
+    if off:
+        raise RuntimeError("The committed history's final row does not match a recomputation from the committed "
+                           f"checkpoint (measure: (stored, recomputed)) {off}: the progress-measure code changed since "
+                           "the files were made, or they are inconsistent. Regenerate them with "
+                           "`python scripts/train_grokking_checkpoint.py`.")
 
 
 def compare_histories(short: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
