@@ -71,7 +71,15 @@ def test_check_facts_rank_and_probability_agree(tiny_llama, capital_facts):
     checks = pp.check_facts(tiny_llama, capital_facts[:10], batch_size=4)
     assert [c.fact for c in checks] == capital_facts[:10]
     for c in checks:
-        assert 0.0 <= c.prob <= 1.0 and c.rank >= 0
+        # reference: the prompt alone (no batch, no padding), the HF model's own forward, softmax at the end
+        ids = tiny_llama.tokenizer(c.fact.prompt, return_tensors="pt")["input_ids"]
+        if tiny_llama.cfg.default_prepend_bos and ids[0, 0] != tiny_llama.tokenizer.bos_token_id:
+            ids = torch.cat([torch.tensor([[tiny_llama.tokenizer.bos_token_id]]), ids], 1)
+        with torch.no_grad():
+            logits = tiny_llama.original_model(ids).logits[0, -1].float()
+        first = tiny_llama.tokenizer(" " + c.fact.answer, add_special_tokens=False)["input_ids"][0]
+        assert c.prob == pytest.approx(logits.softmax(-1)[first].item(), rel=1e-4, abs=1e-7)
+        assert c.rank == int((logits > logits[first]).sum())
         if c.answer_id is not None:
             assert (c.rank == 0) == (c.top_token == tiny_llama.tokenizer.decode([c.answer_id]))
     table = pp.facts_table(checks)
