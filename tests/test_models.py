@@ -372,7 +372,9 @@ def test_truncated_smollm2_cache_is_rebuilt_with_a_warning(monkeypatch, tmp_path
 @pytest.mark.embedded
 @pytest.mark.slow
 def test_gemma_3_270m_loads_offline_matches_hugging_face_and_does_ioi():
-    model = load_model("gemma-3-270m", device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # loading emits no warning, deprecation notices included
+        model = load_model("gemma-3-270m", device="cpu")
     cfg, hf = model.cfg, model.original_model
     assert (cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_model, cfg.d_vocab) == (18, 4, 1, 640, 262144)
     assert hf.config.sliding_window == 512 and hf.config.layer_types.count("full_attention") == 3
@@ -390,8 +392,8 @@ def test_gemma_3_270m_loads_offline_matches_hugging_face_and_does_ioi():
     assert [model.tokenizer.decode([i]) for i in logits.argmax(-1).tolist()] == [" Mary", " Anna"]
 
 
-def test_quiet_loading_silences_only_deprecation_chatter():
-    """Loading hides library deprecation notices and progress bars, never a real warning such as
+def test_quiet_loading_silences_no_warning():
+    """Loading hides progress bars, never a warning: not a deprecation notice, nor a real problem such as
     transformers' "weights not initialized" (which would mean a paper model lost weights)."""
     import warnings as _warnings
 
@@ -420,8 +422,15 @@ def test_quiet_loading_silences_only_deprecation_chatter():
                     "Some weights of GPT2LMHeadModel were not initialized from the model checkpoint")
     finally:
         hf_logging.get_logger("transformers").removeHandler(handler)
-    assert [type(w.message) for w in caught] == [UserWarning]
+    assert [type(w.message) for w in caught] == [DeprecationWarning, FutureWarning, UserWarning]
     assert any("were not initialized" in m for m in logged)
+
+
+@pytest.mark.embedded
+def test_loading_the_embedded_model_emits_no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # deprecation notices included (loading silences none)
+        load_model("embedded", device="cpu")
 
 
 def test_loading_the_tiny_models_emits_no_warning():
@@ -430,8 +439,6 @@ def test_loading_the_tiny_models_emits_no_warning():
     from helpers.models import load_model
 
     with _warnings.catch_warnings():
-        _warnings.simplefilter("error")
-        _warnings.simplefilter("ignore", DeprecationWarning)
-        _warnings.simplefilter("ignore", FutureWarning)
+        _warnings.simplefilter("error")  # deprecation notices included: loading must emit none
         for name in ("tiny-llama", "tiny-gpt2", "tiny-gemma3"):
             load_model(name, device="cpu", seed=0)
