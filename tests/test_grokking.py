@@ -592,3 +592,25 @@ def test_loading_the_committed_result_rechecks_the_final_row(tmp_path):
     np.savez(tmp_path / "history.npz", **history)
     with pytest.raises(RuntimeError, match="gini_W_L"):
         fourier.load_committed_result(tmp_path)
+
+
+def test_seed_summary_locates_each_seeds_phases_and_reports_a_seed_that_did_not_grok():
+    from helpers.studies.grokking.training import DATA_DIR
+
+    committed = load_history(DATA_DIR / "history.npz")  # seed 0's real 15k-epoch curves
+    epochs = committed["epoch"]
+    flat = np.full(len(epochs), 4.0)  # a second "seed" whose test loss never collapses
+    history = {"epoch": epochs,
+               "train_loss": np.stack([committed["train_loss"], committed["train_loss"]], 1),
+               "test_loss": np.stack([committed["test_loss"], flat], 1),
+               "test_accuracy": np.stack([committed["test_accuracy"], np.full(len(epochs), 0.01)], 1)}
+    rows = fourier.seed_summary(history, seeds=(0, 7), key_frequencies=[[14, 35], []])
+    expected = fourier.locate_phases(epochs, committed["train_loss"], committed["test_loss"],
+                                     committed["test_accuracy"]).as_dict()
+    assert rows[0] == {"seed": 0, "key_frequencies": [14, 35], "grokked": True, **expected,
+                       "final_test_accuracy": float(committed["test_accuracy"][-1]),
+                       "final_test_loss": float(committed["test_loss"][-1])}
+    assert 0 < rows[0]["memorisation_end"] < rows[0]["cleanup_start"] < rows[0]["cleanup_end"]
+    assert rows[1]["grokked"] is False and rows[1]["cleanup_start"] is None and rows[1]["final_test_loss"] == 4.0
+    with pytest.raises(ValueError, match=r"history\['train_loss'\] has shape"):
+        fourier.seed_summary({**history, "train_loss": committed["train_loss"]}, (0, 7), [[1], [2]])

@@ -476,6 +476,39 @@ def locate_phases(
 PHASE_NAMES = ("memorisation", "circuit formation", "cleanup")
 
 
+def seed_summary(history: Mapping[str, np.ndarray], seeds: Sequence[int],
+                 key_frequencies: Sequence[Sequence[int]]) -> list[dict[str, Any]]:
+    """One row per seed of a multi-seed run: key frequencies, phase boundaries, final test metrics.
+
+    ``history`` holds ``[n_checkpoints, n_seeds]`` arrays (as :func:`progress_measures` returns for
+    several seeds). The phases come from :func:`locate_phases` on each seed's own curves; a seed whose
+    test loss never collapsed gets ``None`` boundaries and ``grokked=False`` (its row says so instead
+    of the seed being dropped).
+    """
+    epochs = np.asarray(history["epoch"])
+    n = len(seeds)
+    for name in ("train_loss", "test_loss", "test_accuracy"):
+        shape = np.shape(history[name])
+        if shape != (len(epochs), n):
+            raise ValueError(f"seed_summary: history[{name!r}] has shape {shape}; expected [n_checkpoints, n_seeds] = "
+                             f"[{len(epochs)}, {n}] (pass the history of a run trained with all of these seeds).")
+    if len(key_frequencies) != n:
+        raise ValueError(f"seed_summary got {len(key_frequencies)} key-frequency lists for {n} seeds.")
+    rows = []
+    for i, seed in enumerate(seeds):
+        try:
+            phases: Phases | None = locate_phases(epochs, history["train_loss"][:, i], history["test_loss"][:, i],
+                                                  history["test_accuracy"][:, i])
+        except ValueError:  # the test loss never collapsed: no phases to locate
+            phases = None
+        bounds = phases.as_dict() if phases is not None else dict.fromkeys(Phases.__dataclass_fields__)
+        rows.append({"seed": int(seed), "key_frequencies": [int(k) for k in key_frequencies[i]],
+                     "grokked": phases is not None, **bounds,
+                     "final_test_accuracy": float(history["test_accuracy"][-1, i]),
+                     "final_test_loss": float(history["test_loss"][-1, i])})
+    return rows
+
+
 def phase_changes(epochs: np.ndarray, values: np.ndarray, phases: Phases) -> dict[str, Any]:
     """A progress measure at the phase boundaries and its change within each phase.
 
