@@ -129,6 +129,21 @@ def test_every_notebook_starts_with_the_setup_cell_and_stays_small():
         assert "/work/shared" not in code and "../shared" not in code, f"{path.name} reads shared/ at run time"
 
 
+def test_every_notebook_is_valid_nbformat_with_unique_cell_ids():
+    """nbformat 4.5 requires an id on every cell (a missing one is a warning today, an error in later nbformat)."""
+    import warnings
+
+    import nbformat
+
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            notebook = nbformat.read(path, as_version=nbformat.NO_CONVERT)
+            nbformat.validate(notebook)
+        ids = [cell.get("id") for cell in notebook.cells]
+        assert None not in ids and len(set(ids)) == len(ids), f"{path.name}: missing or repeated cell ids"
+
+
 def _helpers_modules() -> dict[str, Path]:
     """Every module of ``helpers`` by its dotted name (a package by its ``__init__.py``)."""
     modules = {}
