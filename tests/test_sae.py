@@ -1,0 +1,372 @@
+"""Tests of helpers.sae on tiny synthetic data (no model): TopK/ReLU encoding, metrics, training on a
+known sparse dictionary, seed consistency, AuxK, repeatability, safetensors files and input errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from helpers import sae as sae_lib
+from helpers.sae import (
+    SAEConfig,
+    SparseAutoencoder,
+    dead_and_dense,
+    fraction_of_variance_unexplained,
+    l0,
+    latent_density,
+    load_sae,
+    match_latents,
+    save_sae,
+    shared_fraction,
+    train_sae,
+)
+
+D_IN, N_TRUE, K = 32, 64, 3
+
+
+def sparse_dictionary_data(n: int = 8192, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` samples, each a sum of 3 of 64 random unit directions in d=32 with coefficients in [0.5, 1.5]."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.randn(N_TRUE, D_IN, generator=generator)
+    directions = directions / directions.norm(dim=-1, keepdim=True)
+    chosen = torch.rand(n, N_TRUE, generator=generator).argsort(dim=1)[:, :K]
+    coefficients = torch.rand(n, K, generator=generator) + 0.5
+    codes = torch.zeros(n, N_TRUE).scatter(1, chosen, coefficients)
+    return codes @ directions, directions
+
+
+def synthetic_config(seed: int = 0, **overrides) -> SAEConfig:
+    settings = dict(d_in=D_IN, n_latents=64, k=K, lr=3e-3, batch_size=256, n_steps=1000, seed=seed,
+                    dead_after=1024, auxk_k=16, auxk_coefficient=0.5)
+    settings.update(overrides)
+    return SAEConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return sparse_dictionary_data()
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    """Two TopK SAEs on the same data, seeds 0 and 1."""
+    activations, _ = data
+    return [train_sae(activations, synthetic_config(seed), progress=False) for seed in (0, 1)]
+
+
+def _random_input(shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoding
+# --------------------------------------------------------------------------------------------------
+
+
+def _naive_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
+    pre = pre.detach()
+    out = torch.zeros_like(pre)
+    for row in range(pre.shape[0]):
+        order = sorted(range(pre.shape[1]), key=lambda j: -float(pre[row, j]))
+        for j in order[:k]:
+            out[row, j] = max(float(pre[row, j]), 0.0)
+    return out
+
+
+def test_topk_encode_keeps_k_largest_like_a_naive_sort():
+    sae = SparseAutoencoder(SAEConfig(d_in=8, n_latents=20, k=5, seed=3))
+    with torch.no_grad():
+        sae.b_enc.fill_(10.0)  # every pre-activation positive: exactly k non-zeros survive the ReLU
+        sae.b_dec.copy_(_random_input((8,), seed=4))
+    x = _random_input((50, 8), seed=5)
+    latents = sae.encode(x)
+    assert ((latents != 0).sum(-1) == 5).all()
+    torch.testing.assert_close(latents, _naive_topk(sae.pre_activations(x), 5), rtol=0, atol=0)
+    # pre-activations follow (x - b_dec) @ W_enc + b_enc
+    torch.testing.assert_close(sae.pre_activations(x), (x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+
+
+def test_topk_relus_kept_negative_pre_activations_and_matches_naive_sort():
+    sae = SparseAutoencoder(SAEConfig(d_in=8, n_latents=20, k=5, seed=3))
+    with torch.no_grad():
+        sae.b_enc.fill_(-1.0)  # many of the k largest are negative
+    x = _random_input((50, 8), seed=6)
+    latents = sae.encode(x)
+    assert ((latents != 0).sum(-1) <= 5).all() and ((latents != 0).sum(-1) < 5).any()
+    assert (latents >= 0).all()
+    torch.testing.assert_close(latents, _naive_topk(sae.pre_activations(x), 5), rtol=0, atol=0)
+
+
+def test_relu_encode_and_forward():
+    sae = SparseAutoencoder(SAEConfig(d_in=8, n_latents=20, activation="relu", seed=1))
+    x = _random_input((2, 7, 8))  # leading dimensions are kept
+    out = sae(x)
+    assert out.latents.shape == (2, 7, 20) and out.reconstruction.shape == (2, 7, 8)
+    torch.testing.assert_close(out.latents, torch.relu(out.pre_activations))
+    torch.testing.assert_close(out.reconstruction, out.latents @ sae.W_dec + sae.b_dec)
+
+
+def test_init_has_unit_decoder_rows_and_tied_encoder():
+    sae = SparseAutoencoder(SAEConfig(d_in=16, n_latents=40, k=4, seed=0))
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(40))
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.T)
+    assert (sae.b_enc == 0).all() and (sae.b_dec == 0).all()
+
+
+def test_init_b_dec_mean_and_geometric_median():
+    sae = SparseAutoencoder(SAEConfig(d_in=2, n_latents=4, k=1))
+    points = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0]])
+    sae.init_b_dec(points, "mean")
+    torch.testing.assert_close(sae.b_dec.detach(), torch.tensor([11 / 3, 0.0]))
+    sae.init_b_dec(points, "geometric_median")  # the median of three collinear points is the middle one
+    torch.testing.assert_close(sae.b_dec.detach(), torch.tensor([1.0, 0.0]), atol=1e-2, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def test_fvu_by_hand():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 0.0]])
+    x_hat = torch.tensor([[1.0, 1.0], [2.0, 4.0], [5.0, 2.0]])
+    # mean (3, 2): total = (4+0) + (0+4) + (4+4) = 16; error = 1 + 1 + 4 = 6
+    torch.testing.assert_close(fraction_of_variance_unexplained(x, x_hat), torch.tensor(6 / 16))
+
+
+def test_fvu_is_zero_for_perfect_and_one_for_the_mean():
+    x = _random_input((40, 6))
+    torch.testing.assert_close(fraction_of_variance_unexplained(x, x.clone()), torch.tensor(0.0))
+    mean = x.mean(0, keepdim=True).expand_as(x)
+    torch.testing.assert_close(fraction_of_variance_unexplained(x, mean), torch.tensor(1.0))
+    # leading dimensions are flattened
+    torch.testing.assert_close(fraction_of_variance_unexplained(x.reshape(4, 10, 6), mean.reshape(4, 10, 6)),
+                               torch.tensor(1.0))
+
+
+def test_l0_density_dead_and_dense():
+    latents = torch.tensor([[1.0, 0.0, 0.0, 2.0], [0.5, 0.0, 0.0, 0.0], [3.0, 0.0, 1.0, 0.0]])
+    torch.testing.assert_close(l0(latents), torch.tensor(5 / 3))  # 2 + 1 + 2 non-zeros over 3 tokens
+    density = latent_density(latents)
+    torch.testing.assert_close(density, torch.tensor([1.0, 0.0, 1 / 3, 1 / 3]))
+    dead, dense = dead_and_dense(density, dense_above=0.5)
+    assert dead.tolist() == [False, True, False, False]
+    assert dense.tolist() == [True, False, False, False]
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+def test_topk_sae_recovers_the_ground_truth_dictionary(trained, data):
+    activations, directions = data
+    for result in trained:
+        best = (directions @ result.sae.W_dec.detach().T).max(dim=1).values
+        assert (best > 0.9).float().mean() >= 0.85, best
+        with torch.no_grad():
+            out = result.sae(activations)
+        assert float(fraction_of_variance_unexplained(activations, out.reconstruction)) < 0.1
+        assert float(l0(out.latents)) == pytest.approx(K, abs=0.05)
+        assert result.history.fvu[-1] < 0.5 * result.history.fvu[0]
+        assert len(result.history.loss) == result.config.n_steps
+
+
+def test_decoder_rows_stay_unit_norm_after_training(trained, data):
+    for result in trained:
+        torch.testing.assert_close(result.sae.W_dec.detach().norm(dim=-1), torch.ones(64), atol=1e-5, rtol=0)
+    # without normalize_decoder they drift (so the check above is not vacuous)
+    activations, _ = data
+    loose = train_sae(activations, synthetic_config(0, n_steps=50, normalize_decoder=False), progress=False)
+    assert (loose.sae.W_dec.detach().norm(dim=-1) - 1).abs().max() > 1e-3
+
+
+def test_parallel_gradient_is_removed_from_decoder_rows():
+    sae = SparseAutoencoder(SAEConfig(d_in=8, n_latents=12, k=3))
+    x = _random_input((30, 8))
+    (sae(x).reconstruction - x).pow(2).mean().backward()
+    scale = float(sae.W_dec.grad.norm())
+    assert (sae.W_dec.grad * sae.W_dec).sum(-1).abs().max() > 1e-2 * scale
+    sae.remove_parallel_decoder_grad_()
+    torch.testing.assert_close((sae.W_dec.grad * sae.W_dec).sum(-1), torch.zeros(12), atol=1e-6 * scale, rtol=0)
+
+
+def test_relu_sae_with_l1_trains_and_is_sparse(data):
+    activations, _ = data
+    config = SAEConfig(d_in=D_IN, n_latents=64, activation="relu", l1_coefficient=0.05, lr=3e-3,
+                       batch_size=256, n_steps=200, auxk_coefficient=0.0)
+    result = train_sae(activations, config, progress=False)
+    assert result.history.loss[-1] < result.history.loss[0]
+    assert result.history.l0[-1] < 32
+
+
+def test_training_is_bit_for_bit_repeatable(data):
+    activations, _ = data
+    config = synthetic_config(7, n_steps=60, dead_after=256)
+    first, second = (train_sae(activations, config, progress=False) for _ in range(2))
+    for name, parameter in first.sae.named_parameters():
+        assert torch.equal(parameter, dict(second.sae.named_parameters())[name]), name
+    assert first.history == second.history
+    other = train_sae(activations, synthetic_config(8, n_steps=60, dead_after=256), progress=False)
+    assert not torch.equal(first.sae.W_dec, other.sae.W_dec)
+
+
+# --------------------------------------------------------------------------------------------------
+# AuxK
+# --------------------------------------------------------------------------------------------------
+
+
+def test_auxk_loss_is_zero_without_dead_latents_and_trains_only_dead_ones():
+    sae = SparseAutoencoder(SAEConfig(d_in=8, n_latents=12, k=3))
+    x = _random_input((30, 8))
+    out = sae(x)
+    residual = x - out.reconstruction
+    total = (x - x.mean(0)).pow(2).sum()
+    none_dead = torch.zeros(12, dtype=torch.bool)
+    assert float(sae_lib.auxk_loss(sae, out.pre_activations, residual, none_dead, total, 4)) == 0.0
+    dead = torch.zeros(12, dtype=torch.bool)
+    dead[[1, 5, 9]] = True
+    loss = sae_lib.auxk_loss(sae, out.pre_activations, residual, dead, total, 4)
+    assert float(loss.detach()) > 0
+    loss.backward()
+    touched = sae.W_enc.grad.abs().sum(0) > 0
+    assert touched.tolist() == dead.tolist()  # only dead latents' encoders get an AuxK gradient
+
+
+def test_auxk_leaves_fewer_dead_latents(data):
+    """Shifted data and b_dec = 0 kill many latents early; AuxK revives a good part of them."""
+    activations, _ = data
+    shifted = activations[:4096].clone()
+    shifted[:, 0] += 2.0
+    dead = {}
+    for coefficient in (0.0, 1.0):
+        config = synthetic_config(1, n_steps=400, dead_after=512, auxk_coefficient=coefficient, b_dec_init="zeros")
+        result = train_sae(shifted, config, progress=False)
+        dead[coefficient] = result.history.dead_fraction[-1]
+        if coefficient == 0:
+            assert max(result.history.auxk_loss) == 0.0
+        else:
+            assert max(result.history.auxk_loss) > 0.0
+    assert dead[0.0] >= 0.15, dead  # the setting does produce dead latents
+    assert dead[1.0] <= 0.6 * dead[0.0], dead
+
+
+# --------------------------------------------------------------------------------------------------
+# Seed consistency
+# --------------------------------------------------------------------------------------------------
+
+
+def test_two_seeds_share_most_latents(trained):
+    a, b = (result.sae for result in trained)
+    for use in ("decoder", "encoder", "both"):
+        match = match_latents(a, b, use=use)
+        assert sorted(match.index_a.tolist()) == list(range(64)) and sorted(match.index_b.tolist()) == list(range(64))
+        assert shared_fraction(match) >= 0.8, (use, shared_fraction(match))
+    both = match_latents(a, b, use="both")
+    torch.testing.assert_close(both.similarities, torch.minimum(both.decoder_similarity, both.encoder_similarity))
+    assert shared_fraction(both) <= shared_fraction(match_latents(a, b, use="decoder"))
+
+
+def test_trained_and_random_saes_share_almost_nothing(trained):
+    random_sae = SparseAutoencoder(synthetic_config(123))
+    for use in ("decoder", "both"):
+        assert shared_fraction(match_latents(trained[0].sae, random_sae, use=use)) <= 0.05
+
+
+def test_matching_a_permuted_copy_recovers_the_permutation(trained):
+    a = trained[0].sae
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    b = SparseAutoencoder(a.config)
+    with torch.no_grad():
+        b.W_enc.copy_(a.W_enc[:, perm])
+        b.b_enc.copy_(a.b_enc[perm])
+        b.W_dec.copy_(a.W_dec[perm])
+        b.b_dec.copy_(a.b_dec)
+    for use in ("decoder", "encoder", "both"):
+        match = match_latents(a, b, use=use)
+        assert torch.equal(perm[match.index_b], match.index_a)  # B's latent j is A's latent perm[j]
+        torch.testing.assert_close(match.similarities, torch.ones(64))
+        assert shared_fraction(match, threshold=0.999) == 1.0
+
+
+def test_shared_fraction_counts_at_or_above_threshold():
+    assert shared_fraction(torch.tensor([0.1, 0.7, 0.69, 0.95]), threshold=0.7) == 0.5
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip(trained, data, tmp_path):
+    sae, config = trained[0].sae, trained[0].config
+    save_sae(sae, config, tmp_path / "sae")
+    loaded, loaded_config = load_sae(tmp_path / "sae")
+    assert loaded_config == config
+    x = data[0][:100]
+    with torch.no_grad():
+        original, again = sae(x), loaded(x)
+    assert torch.equal(original.reconstruction, again.reconstruction)
+    assert torch.equal(original.latents, again.latents)
+
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert {"d_in": 32, "num_latents": 64, "k": 3, "activation": "topk", "normalize_decoder": True}.items() <= cfg.items()
+    with safe_open(str(tmp_path / "sae" / "sae.safetensors"), framework="pt") as f:
+        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    assert shapes == {"encoder.weight": (64, 32), "encoder.bias": (64,), "W_dec": (64, 32), "b_dec": (32,)}
+
+
+def test_load_reads_a_sparsify_style_config(trained, tmp_path):
+    sae = trained[0].sae
+    save_sae(sae, None, tmp_path)
+    (tmp_path / "cfg.json").write_text(json.dumps({"expansion_factor": 2, "normalize_decoder": True, "num_latents": 64,
+                                                   "k": 3, "multi_topk": False, "skip_connection": False, "d_in": 32}))
+    loaded, config = load_sae(tmp_path)
+    assert (config.d_in, config.n_latents, config.k, config.activation) == (32, 64, 3, "topk")
+    assert torch.equal(loaded.W_enc, sae.W_enc)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------------
+
+
+def test_wrong_d_in_is_refused():
+    sae = SparseAutoencoder(SAEConfig(d_in=8, n_latents=12, k=3))
+    with pytest.raises(ValueError, match=r"d_in=8"):
+        sae.encode(torch.zeros(5, 7))
+    with pytest.raises(ValueError, match=r"d_in=7.*SAEConfig\(d_in=7"):
+        train_sae(torch.randn(64, 7), SAEConfig(d_in=8, n_latents=12, k=3, batch_size=16, n_steps=1), progress=False)
+    with pytest.raises(ValueError, match=r"n_latents=12"):
+        sae.decode(torch.zeros(5, 8))
+    other = SparseAutoencoder(SAEConfig(d_in=9, n_latents=12, k=3))
+    with pytest.raises(ValueError, match=r"same site"):
+        match_latents(sae, other)
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ValueError, match=r"k=20 is larger than n_latents=12"):
+        SAEConfig(d_in=8, n_latents=12, k=20)
+    with pytest.raises(ValueError, match=r"activation='gelu' is unknown.*'topk' or 'relu'"):
+        SAEConfig(d_in=8, n_latents=12, activation="gelu")
+    with pytest.raises(ValueError, match=r"l1_coefficient"):
+        SAEConfig(d_in=8, n_latents=12, k=3, l1_coefficient=0.1)
+    with pytest.raises(ValueError, match=r"n_latents must be a positive int"):
+        SAEConfig(d_in=8, n_latents=0)
+
+
+def test_nan_and_badly_shaped_activations_are_refused():
+    config = SAEConfig(d_in=4, n_latents=8, k=2, batch_size=8, n_steps=1)
+    activations = torch.randn(32, 4)
+    activations[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or inf.*1 of 32 tokens"):
+        train_sae(activations, config, progress=False)
+    with pytest.raises(ValueError, match=r"2-D \[n_tokens, d_in\].*rearrange"):
+        train_sae(torch.randn(2, 16, 4), config, progress=False)
+    with pytest.raises(ValueError, match=r"batch_size=8 is larger than the 4 training tokens"):
+        train_sae(torch.randn(4, 4), config, progress=False)
+    with pytest.raises(ValueError, match=r"zero variance"):
+        fraction_of_variance_unexplained(torch.ones(3, 2), torch.zeros(3, 2))
