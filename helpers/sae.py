@@ -66,13 +66,16 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import einops
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from helpers.prompts import TokenBatch
 
 Activation = Literal["topk", "relu"]
 BDecInit = Literal["geometric_median", "mean", "zeros"]
@@ -96,6 +99,8 @@ __all__ = [
     "shared_fraction",
     "save_sae",
     "load_sae",
+    "collect_activations",
+    "spliced_loss",
 ]
 
 WEIGHTS_FILE = "sae.safetensors"
@@ -709,3 +714,98 @@ def load_sae(directory: str | Path, *, device: torch.device | str | None = None)
         sae.b_dec.copy_(tensors["b_dec"])
     sae.eval()
     return sae, config
+
+
+# --------------------------------------------------------------------------------------------------
+# On a model: collecting activations, splicing the reconstruction back in
+# --------------------------------------------------------------------------------------------------
+
+
+def _real_token_mask(batch: "TokenBatch", skip_first: bool) -> Bool[Tensor, "batch pos"]:
+    """Real (non-padding) tokens, without each row's first real token when ``skip_first`` (BOS:
+    its residual stream is an outlier many times the others' norm, which an SAE should not fit)."""
+    mask = batch.attention_mask.bool()
+    if skip_first:
+        first = mask.int().argmax(dim=1)  # first real position (left or right padding)
+        mask = mask.clone()
+        mask[torch.arange(mask.shape[0]), first] = False
+    return mask
+
+
+def collect_activations(model: object, batch: "TokenBatch", hook_name: str, *, rows_per_forward: int | None = None,
+                        skip_first: bool = True, progress: bool = True) -> Float[Tensor, "n_tokens d"]:
+    """The activations at ``hook_name`` (e.g. ``"blocks.15.hook_resid_post"``) of every real token.
+
+    One forward pass per ``rows_per_forward`` rows (default from :func:`helpers.batching.rows_per_forward`),
+    each stopped after the hook's block; padding — and, with ``skip_first``, each row's first real token (BOS)
+    — left out. Returns float32 on the CPU, rows in (prompt, position) order.
+    """
+    from helpers.batching import rows_per_forward as default_rows
+    from helpers.effects import StopForward
+
+    names = set(getattr(model, "hook_dict", {}))
+    if names and hook_name not in names:
+        close = sorted(n for n in names if n.endswith(hook_name.split(".")[-1]))[:3]
+        raise ValueError(f"hook_name={hook_name!r} is not a hook of this model (e.g. {close}); pass a bridge hook name "
+                         "such as 'blocks.15.hook_resid_post' or 'blocks.15.hook_mlp_out'.")
+    rows = rows_per_forward or default_rows(model, batch.tokens.shape[1])
+    mask = _real_token_mask(batch, skip_first)
+    parts: list[Tensor] = []
+
+    def keep(activation: Tensor, hook: object) -> None:
+        parts.append(activation.detach().float().cpu())
+        raise StopForward
+
+    with torch.no_grad():
+        for start in tqdm(range(0, batch.tokens.shape[0], rows), desc=f"activations at {hook_name}",
+                          disable=not progress, leave=False):
+            chunk = batch[start:start + rows]
+            try:
+                model.run_with_hooks(chunk.tokens, attention_mask=chunk.attention_mask, fwd_hooks=[(hook_name, keep)])
+            except StopForward:
+                pass
+    acts = torch.cat(parts, dim=0)  # [batch, pos, d]
+    return acts[mask.cpu()]
+
+
+def spliced_loss(model: object, batch: "TokenBatch", hook_name: str, reconstruct, *, skip_first: bool = True,
+                 rows_per_forward: int | None = None) -> dict[str, float]:
+    """Next-token loss with the activations at ``hook_name`` replaced by ``reconstruct(activations)``.
+
+    ``reconstruct`` maps ``[n, d]`` float32 activations to their replacement (an SAE:
+    ``lambda x: sae(x).reconstruction``). Only the tokens :func:`collect_activations` would keep are replaced
+    (with ``skip_first`` BOS keeps its own activation, as it was not trained on). Returns the mean loss over
+    next-token targets (``clean``, ``spliced``, ``zero``: the site's activations set to 0 on the same tokens),
+    ``increase`` = spliced − clean, and ``fraction_recovered`` = (zero − spliced) / (zero − clean).
+    """
+    from helpers.batching import rows_per_forward as default_rows
+    from helpers.effects import next_token_targets
+
+    rows = rows_per_forward or default_rows(model, batch.tokens.shape[1])
+    totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
+    count = 0
+
+    def replace_with(fn):
+        def hook(activation: Tensor, hook: object) -> Tensor:
+            keep = _real_token_mask(current, skip_first).to(activation.device)
+            out = activation.clone()
+            out[keep] = fn(activation[keep].float()).to(activation.dtype)
+            return out
+        return hook
+
+    with torch.no_grad():
+        for start in range(0, batch.tokens.shape[0], rows):
+            current = batch[start:start + rows]
+            targets, valid = next_token_targets(current)
+            for name, hooks in (("clean", []), ("spliced", [(hook_name, replace_with(reconstruct))]),
+                                ("zero", [(hook_name, replace_with(torch.zeros_like))])):
+                logits = model.run_with_hooks(current.tokens, attention_mask=current.attention_mask, fwd_hooks=hooks)
+                losses = -logits.float().log_softmax(-1).gather(-1, targets[..., None].to(logits.device))[..., 0]
+                totals[name] += float(losses[valid.to(losses.device)].sum())
+            count += int(valid.sum())
+    if count == 0:
+        raise ValueError("spliced_loss: the batch has no next-token targets (every prompt is a single token).")
+    clean, spliced, zero = (totals[k] / count for k in ("clean", "spliced", "zero"))
+    gap = zero - clean
+    return {"clean": clean, "spliced": spliced, "zero": zero, "increase": spliced - clean,
+            "fraction_recovered": (zero - spliced) / gap if gap != 0 else float("nan")}

@@ -370,3 +370,57 @@ def test_nan_and_badly_shaped_activations_are_refused():
         train_sae(torch.randn(4, 4), config, progress=False)
     with pytest.raises(ValueError, match=r"zero variance"):
         fraction_of_variance_unexplained(torch.ones(3, 2), torch.zeros(3, 2))
+
+
+# --------------------------------------------------------------------------------------------------
+# On a model (tiny-llama, random init)
+# --------------------------------------------------------------------------------------------------
+
+MODEL_TEXTS = ["The cat sat on the mat and looked at the door.", "A short one.", "Numbers: one two three four five six."]
+
+
+def test_collect_activations_are_the_cached_real_tokens_without_bos(tiny_llama):
+    from helpers.prompts import tokenize
+    from helpers.sae import collect_activations
+
+    batch = tokenize(tiny_llama, MODEL_TEXTS)
+    hook = "blocks.1.hook_resid_post"
+    got = collect_activations(tiny_llama, batch, hook, progress=False)
+    one_by_one = collect_activations(tiny_llama, batch, hook, rows_per_forward=1, progress=False)
+    expected = []
+    for text in MODEL_TEXTS:  # each prompt alone (no padding): every position but the first (BOS)
+        single = tokenize(tiny_llama, [text])
+        with torch.no_grad():
+            _, cache = tiny_llama.run_with_cache(single.tokens, attention_mask=single.attention_mask, names_filter=[hook])
+        expected.append(cache[hook][0, 1:])
+    expected = torch.cat(expected)
+    assert got.shape == (int(batch.lengths.sum()) - len(MODEL_TEXTS), tiny_llama.cfg.d_model)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(one_by_one, got, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="not a hook of this model"):
+        collect_activations(tiny_llama, batch, "blocks.1.hook_resid_middle", progress=False)
+
+
+def test_spliced_loss_identity_zero_and_a_hand_computed_clean_loss(tiny_llama):
+    from helpers.prompts import tokenize
+    from helpers.sae import spliced_loss
+
+    batch = tokenize(tiny_llama, MODEL_TEXTS)
+    hook = "blocks.0.hook_resid_post"
+    same = spliced_loss(tiny_llama, batch, hook, lambda x: x)
+    assert same["increase"] == pytest.approx(0.0, abs=1e-5) and same["fraction_recovered"] == pytest.approx(1.0, abs=1e-4)
+    zeroed = spliced_loss(tiny_llama, batch, hook, torch.zeros_like)
+    assert zeroed["spliced"] == pytest.approx(zeroed["zero"], abs=1e-6) and zeroed["fraction_recovered"] == pytest.approx(0.0, abs=1e-6)
+    assert abs(zeroed["zero"] - zeroed["clean"]) > 1e-3  # the site matters, so the checks above can fail
+    total, count = 0.0, 0
+    for text in MODEL_TEXTS:  # the clean loss by hand: each prompt alone, mean over next-token targets
+        single = tokenize(tiny_llama, [text])
+        with torch.no_grad():
+            logprobs = tiny_llama(single.tokens).float().log_softmax(-1)[0]
+        ids = single.tokens[0]
+        total += float(-logprobs[:-1].gather(-1, ids[1:, None]).sum())
+        count += len(ids) - 1
+    assert same["clean"] == pytest.approx(total / count, rel=1e-4)
+    # a halfway reconstruction recovers part of the loss
+    half = spliced_loss(tiny_llama, batch, hook, lambda x: 0.5 * x)
+    assert half["clean"] == pytest.approx(same["clean"]) and half["spliced"] != pytest.approx(same["clean"], abs=1e-4)
