@@ -47,7 +47,7 @@ STUDIES = [
          "checkpoint (the 40k-epoch embedded re-run after the §4.4 / Fig. 7 additions timed out beside other runs)"),
     dict(notebook="02_ioi_circuit", study="Indirect object identification circuit",
          paper="Wang et al. 2022", paper_model="GPT-2 small", embedded_model="SmolLM2-135M-Instruct",
-         runtime_embedded="22.4 min (shared CPU, 1 thread)", runtime_ci="2.5–3.0 min [≈1] before backup name movers and §4.4",
+         runtime_embedded="17.2 min (beside one other run, 1 thread; 2026-12-02)", runtime_ci="2.5–3.0 min [≈1] before backup name movers and §4.4",
          status="reproduced on the embedded model, incl. backup name movers; the §4.4 control (a sentence repeating S "
                 "keeps the logit difference) does not reproduce"),
     dict(notebook="03_refusal_direction", study="Refusal is mediated by a single direction",
@@ -64,7 +64,7 @@ STUDIES = [
                 "(harmless KL 0.28, Wikipedia loss +5.6%: the assertion's 5% limit fails)"),
     dict(notebook="04_entropy_neurons", study="Entropy & token-frequency neurons",
          paper="Stolfo et al. 2024", paper_model="GPT-2 small", embedded_model="SmolLM2-135M-Instruct",
-         runtime_embedded="66.6 min (shared CPU, 1 thread)", runtime_ci="0.8–1.1 min [≈1] before the induction/BOS sections",
+         runtime_embedded="25.3 min (beside one other run, 1 thread; 2026-12-02)", runtime_ci="0.8–1.1 min [≈1] before the induction/BOS sections",
          status="reproduced on the embedded model; the induction entropy reduction is 9%, not the paper's 70%"),
     dict(notebook="05_self_repair", study="Self-repair",
          paper="Rushing & Nanda 2024", paper_model="GPT-2 small, Pythia-160M", embedded_model="SmolLM2-135M-Instruct",
