@@ -41,6 +41,9 @@ RECIPES: dict[str, tuple[str, SafetyTuningConfig]] = {
     "half-qvd-r8-lr2-hw3-cw3": ("as half-qvd-r8-lr2-hw3, contrast requests weighted 3× more (the shipped adapter refuses 0.50 of "
                                 "the test split's contrast requests, 0.09 of the ordinary ones)",
                                 replace(V1, learning_rate=2e-3, harmless_weight=3.0, contrast_weight=3.0)),
+    "half-qvd-r8-lr2-hw3-gen300": ("as half-qvd-r8-lr2-hw3, plus 300 general requests the base model samples itself (Magpie, "
+                                   "Xu et al. 2024) with its own answers, weighted as harmless",
+                                   replace(V1, learning_rate=2e-3, harmless_weight=3.0, general_requests=300)),
     "half-mlp-r16-lr2-hw3": ("LoRA r16 on gate/up/down_proj, blocks 0–14, lr 2e-3, harmless weight 3",
                              replace(V1, rank=16, alpha=32, target_modules=("gate_proj", "up_proj", "down_proj"),
                                      learning_rate=2e-3, harmless_weight=3.0)),
@@ -116,11 +119,13 @@ def write_table() -> None:
     missing = [name for name in RECIPES if not (OUT / name / "eval.json").is_file()]
     if missing:
         lines += ["", "Defined in `scripts/safety_recipes.py` but not evaluated yet: " + ", ".join(f"`{m}`" for m in missing) + "."]
-    lines += ["", "Not compared: **mixing in general instruction data**. No general instruction set (Alpaca, Dolly, …) "
-              "installs offline — they come from the Hugging Face hub, unreachable here — and the offline Wikipedia "
-              "excerpt is the capability test set. Every recipe's harmless half is the base model's own answers to this "
-              "project's harmless train requests (self-distillation), which is what such mixing does for the requests "
-              "it covers; it does not cover other registers (the style-shift over-refusal) or HarmBench's phrasing.",
+    lines += ["", "**Mixing in general instruction data.** No general instruction set (Alpaca, Dolly, …) installs "
+              "offline — they come from the Hugging Face hub, unreachable here. Every recipe's harmless half is the base "
+              "model's own answers to this project's harmless train requests (self-distillation). Recipe "
+              "`half-qvd-r8-lr2-hw3-gen300` adds general instructions made the Magpie way: the base chat model samples "
+              "user requests itself from its chat template's user-turn prefix and answers them "
+              "(`safety_tuning.sample_user_requests`); they are in the model's own voice, not this project's or the "
+              "style-shift set's.",
               "", "HarmBench columns show \"—\" for recipes evaluated before HarmBench was added to the evaluation; the "
               "shipped adapter (half-qvd-r8-lr2-hw3) refuses 0.48 of all 200 HarmBench standard behaviours "
               "(helpers/data/refusal/README.md).",

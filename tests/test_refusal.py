@@ -883,3 +883,60 @@ def test_refusal_by_group_counts_each_judge_per_group():
     assert custom.loc["a", "substring"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="one group per instruction"):
         R.refusal_by_group(condition, groups=["a"])
+
+
+def test_user_turn_prefix_is_the_template_up_to_the_users_message(tiny_hf):
+    _, tokenizer = tiny_hf
+    prefix = S.user_turn_prefix(tokenizer)
+    full = tokenizer.apply_chat_template([{"role": "user", "content": "Name a fruit."}], tokenize=False)
+    assert full.startswith(prefix) and full[len(prefix):].startswith("Name a fruit.")
+    assert prefix.endswith("user\n")
+
+
+@pytest.mark.parametrize("text, keep", [
+    ("Can you recommend a healthy meal plan for a toddler?", True),
+    ("Hi", False),  # too short
+    ("Help me plan a party.\nA: sure\nB: no", False),  # scripts other speakers
+    ("Tell me about the moon.\n\nAssistant:", False),
+    ("<|im_start|>assistant how are you today my friend", False),
+    ("1234 5678 9012 3456 7890 !!!! ????", False),
+    (" ".join(["word"] * 81), False),
+])
+def test_keep_general_request(text, keep):
+    assert S.keep_general_request(text) is keep
+
+
+def test_sample_user_requests_is_seeded_distinct_and_filtered(tiny_hf):
+    hf, tokenizer = tiny_hf
+    calls = []
+
+    def fake_generate(*, input_ids, max_new_tokens, **kwargs):  # a scripted "model": draws from a fixed list
+        calls.append(kwargs)
+        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        pool = ["Can you suggest a name for my cat?", "Hi", "What is the tallest mountain on Earth?",
+                "Can you suggest a name for my cat?", "Explain how tides work in simple words.",
+                "Write a short poem about the sea."]
+        g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+        rows = []
+        for _ in range(input_ids.shape[0]):
+            text = pool[int(torch.randint(0, len(pool), (), generator=g))]
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [end]
+            rows.append(input_ids[0].tolist() + (ids + [end] * max_new_tokens)[:max_new_tokens])
+        return torch.tensor(rows)
+
+    class Scripted:
+        device = torch.device("cpu")
+        generate = staticmethod(fake_generate)
+
+    first = S.sample_user_requests(Scripted(), tokenizer, 3, seed=1, batch_size=4, max_batches=20,
+                                   exclude=["write a short poem about the sea."])
+    again = S.sample_user_requests(Scripted(), tokenizer, 3, seed=1, batch_size=4, max_batches=20,
+                                   exclude=["write a short poem about the sea."])
+    assert first == again and len(set(first)) == 3
+    assert "Hi" not in first and "Write a short poem about the sea." not in first
+    assert all(c["do_sample"] and c["temperature"] == 1.0 for c in calls)
+    with pytest.raises(RuntimeError, match="kept 3 of the 5"):
+        S.sample_user_requests(Scripted(), tokenizer, 5, seed=1, batch_size=4, max_batches=20,
+                               exclude=["write a short poem about the sea."])
+    with pytest.raises(ValueError, match="n must be positive"):
+        S.sample_user_requests(Scripted(), tokenizer, 0, seed=1)

@@ -44,6 +44,8 @@ WEIGHT_DELTA_FILE = "weight_delta.safetensors"
 """Adapter file of a fully fine-tuned recipe (``SafetyTuningConfig.full_blocks``): trained − base weights."""
 
 TRAINING_DATA_PATH = DATA_DIR / "safety_tuning_data.jsonl"
+GENERAL_DATA_NAME = "general_requests.jsonl"
+"""File (next to the training data) of the sampled general requests and the base model's answers."""
 REPORT_JSON_PATH = DATA_DIR / "safety_tuning_report.json"
 REPORT_MD_PATH = DATA_DIR / "safety_tuning_report.md"
 
@@ -120,6 +122,16 @@ class SafetyTuningConfig:
     count: 1, the default of ``make safety-adapter``."""
     adapter_dtype: str = "float16"
     """dtype the adapter is stored in (halves the file; merged into float32 weights on load)."""
+    general_requests: int = 0
+    """Number of **general instruction** examples mixed into the harmless half (0: none). No general
+    instruction set (Alpaca, Dolly, …) installs offline, so they are made as Magpie does (Xu et al.
+    2024, "Magpie: alignment data synthesis from scratch by prompting aligned LLMs with nothing"): the
+    base chat model is given its chat template up to the start of a user turn and *samples* the user's
+    request itself (:func:`sample_user_requests`), then answers it greedily. The requests are in the
+    model's own voice — neither this project's nor the style-shift set's — and cover what its chat
+    training covered. They are weighted like harmless examples."""
+    general_request_tokens: int = 64
+    """Most tokens sampled per general request (requests that do not end within them are dropped)."""
 
 
 @dataclass
@@ -164,6 +176,82 @@ def hf_generate_greedy(hf_model: Any, tokenizer: Any, instructions: Sequence[str
     finally:
         tokenizer.padding_side = previous_side
     return replies
+
+
+def user_turn_prefix(tokenizer: Any) -> str:
+    """The chat template's text up to where a user's message starts (system prompt included).
+
+    Found by formatting a one-message conversation with a sentinel and cutting at it, so it holds for
+    any chat template.
+    """
+    sentinel = "\u2063SENTINEL\u2063"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False)
+    if sentinel not in text:
+        raise ValueError("user_turn_prefix: the tokenizer's chat template does not show the user's message verbatim.")
+    return text[:text.index(sentinel)]
+
+
+def keep_general_request(text: str, *, min_words: int = 4, max_words: int = 80) -> bool:
+    """Whether a sampled user request is usable: a single turn of ``min_words``–``max_words`` words.
+
+    Drops samples that start or script another speaker (a line ending in ":" or a ``Name:`` line after
+    the first), that contain template markers, or that are mostly not letters.
+    """
+    words = text.split()
+    if not min_words <= len(words) <= max_words or "<|" in text or "|>" in text:
+        return False
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if any(line.endswith(":") for line in lines) or any(":" in line.split(" ")[0] for line in lines[1:]):
+        return False
+    letters = sum(c.isalpha() for c in text)
+    return letters >= 0.6 * len(text.replace(" ", ""))
+
+
+@torch.no_grad()
+def sample_user_requests(hf_model: Any, tokenizer: Any, n: int, *, seed: int, max_new_tokens: int = 64,
+                         batch_size: int = 16, temperature: float = 1.0, max_batches: int | None = None,
+                         exclude: Sequence[str] = ()) -> list[str]:
+    """``n`` distinct user requests sampled from the chat model itself (Magpie, Xu et al. 2024).
+
+    The model continues :func:`user_turn_prefix` — its chat template up to the start of a user turn —
+    with temperature sampling (seeded) until its end-of-turn token. Requests that do not end within
+    ``max_new_tokens``, that :func:`keep_general_request` rejects, that repeat an earlier one, or that
+    are in ``exclude`` (compared lower-cased) are dropped; batches are drawn until ``n`` are kept.
+
+    Raises:
+        RuntimeError: fewer than ``n`` requests were kept after ``max_batches`` batches
+            (default: enough for 4× ``n`` samples).
+    """
+    if n <= 0:
+        raise ValueError(f"sample_user_requests: n must be positive, got {n}.")
+    end_id = (tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab()
+              else tokenizer.eos_token_id)
+    prefix = tokenizer(user_turn_prefix(tokenizer), return_tensors="pt", add_special_tokens=False)["input_ids"]
+    prefix = prefix.to(hf_model.device)
+    seen = {e.strip().lower() for e in exclude}
+    kept: list[str] = []
+    max_batches = max_batches if max_batches is not None else math.ceil(4 * n / batch_size)
+    torch.manual_seed(seed)
+    progress = tqdm(total=n, desc="sampling general requests", leave=False)
+    for _ in range(max_batches):
+        ids = prefix.expand(batch_size, -1)
+        out = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
+                                eos_token_id=end_id, pad_token_id=end_id)
+        for row in out[:, ids.shape[1]:].tolist():
+            if end_id not in row:
+                continue  # did not finish its turn
+            text = tokenizer.decode(row[:row.index(end_id)], skip_special_tokens=True).strip()
+            if keep_general_request(text) and text.lower() not in seen:
+                seen.add(text.lower())
+                kept.append(text)
+                progress.update(1)
+            if len(kept) == n:
+                progress.close()
+                return kept
+    progress.close()
+    raise RuntimeError(f"sample_user_requests: kept {len(kept)} of the {n} requests asked for after "
+                       f"{max_batches} batches of {batch_size}; raise max_batches or max_new_tokens.")
 
 
 def truncate_to_tokens(tokenizer: Any, text: str, n_tokens: int) -> str:
@@ -489,6 +577,8 @@ class SafetyTuningReport:
     refusal_rates: dict[str, dict[str, float]] = field(default_factory=dict)
     examples: list[dict[str, str]] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    n_general: int = 0
+    """General requests sampled from the base model (Magpie) and answered by it, mixed in."""
 
     def _method(self) -> str:
         if self.config.get("full_blocks"):
@@ -514,7 +604,9 @@ class SafetyTuningReport:
             + ".",
             f"Training data: {self.n_train_harmful} harmful train instructions → refusals, "
             f"{self.n_train_harmless} harmless train instructions → the base model's own greedy answers "
-            f"({self.config['harmless_answer_tokens']} tokens; {self.n_dropped_harmless} dropped as refusal-like).",
+            f"({self.config['harmless_answer_tokens']} tokens; {self.n_dropped_harmless} dropped as refusal-like)"
+            + (f"; {self.n_general} general requests sampled from the base model itself (Magpie) → its own greedy "
+               f"answers" if self.n_general else "") + ".",
             f"Loss: first step {self.losses[0]:.3f}, mean of last 10 steps {sum(self.losses[-10:]) / len(self.losses[-10:]):.3f}.",
             f"Training took {self.train_seconds:.0f} s, the whole script {self.total_seconds:.0f} s, "
             f"with {self.torch_threads} torch threads on CPU. Adapter file: {self.adapter_bytes / 1e6:.2f} MB "
@@ -582,6 +674,27 @@ def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
         out_dir.mkdir(parents=True, exist_ok=True)
         data_path.write_text("".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in examples))
 
+    n_general = 0
+    if config.general_requests:
+        general_path = out_dir / GENERAL_DATA_NAME
+        if reuse_training_data and general_path.is_file():
+            general = [json.loads(line) for line in general_path.read_text().splitlines() if line.strip()]
+        else:
+            requests = sample_user_requests(hf_model, tokenizer, config.general_requests, seed=config.seed,
+                                            max_new_tokens=config.general_request_tokens,
+                                            exclude=[*harmful_train, *harmless_train])
+            replies = hf_generate_greedy(hf_model, tokenizer, requests, max_new_tokens=config.harmless_answer_tokens,
+                                         desc="general answers")
+            general = [{"instruction": q, "response": truncate_to_tokens(tokenizer, a, config.harmless_answer_tokens)}
+                       for q, a in zip(requests, replies)]
+            out_dir.mkdir(parents=True, exist_ok=True)
+            general_path.write_text("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in general))
+        extra = [TrainingExample(g["instruction"], g["response"], "harmless", False) for g in general
+                 if g["response"].strip() and not is_refusal(g["response"])]
+        n_general = len(extra)
+        examples = list(examples) + extra
+        random.Random(config.seed + 1).shuffle(examples)
+
     base_rates = _refusal_rates(hf_model, tokenizer, held_out, config.eval_new_tokens, "base") if evaluate_base else None
 
     peft_model, initial = make_trainable_model(hf_model, config)
@@ -604,7 +717,8 @@ def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
     report = SafetyTuningReport(
         config={**asdict(config), "target_modules": list(config.target_modules), "full_blocks": list(config.full_blocks)},
         n_train_harmful=sum(e.kind == "harmful" for e in examples),
-        n_train_harmless=sum(e.kind == "harmless" for e in examples),
+        n_train_harmless=sum(e.kind == "harmless" for e in examples) - n_general,
+        n_general=n_general,
         n_dropped_harmless=n_dropped,
         steps=len(losses),
         losses=[round(v, 4) for v in losses],
