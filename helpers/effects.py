@@ -159,6 +159,39 @@ def next_token_targets(batch: TokenBatch) -> tuple[Int[torch.Tensor, "batch pos"
     return targets, valid
 
 
+def token_losses(logits: Float[torch.Tensor, "batch pos d_vocab"], batch: TokenBatch
+                 ) -> tuple[Float[torch.Tensor, "batch pos"], Bool[torch.Tensor, "batch pos"]]:
+    """Next-token cross-entropy (nats) at every position of ``batch``, and which positions count.
+
+    ``losses[:, p] = −log softmax(logits[:, p])[tokens[:, p + 1]]``; ``valid`` is
+    :func:`next_token_targets`'s (both tokens real), and the loss is meaningless where it is False.
+    """
+    targets, valid = next_token_targets(batch)
+    logprobs = logits.float().log_softmax(-1)
+    losses = -logprobs.gather(-1, targets[..., None].to(logits.device))[..., 0]
+    return losses, valid.to(losses.device)
+
+
+@torch.no_grad()
+def mean_token_loss(model: Any, batch: TokenBatch, *, fwd_hooks: Sequence[tuple[str, Callable]] = (),
+                    batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy (nats/token) over the real tokens of ``batch`` (e.g. corpus text).
+
+    One forward pass per ``batch_size`` rows, each with ``fwd_hooks`` (an intervention) attached;
+    every position whose next token is real counts once (:func:`token_losses`).
+    """
+    total, count = 0.0, 0
+    for start in range(0, len(batch), batch_size):
+        chunk = batch[start:start + batch_size]
+        logits = model.run_with_hooks(chunk.tokens, attention_mask=chunk.attention_mask, fwd_hooks=list(fwd_hooks))
+        losses, valid = token_losses(logits, chunk)
+        total += float(losses[valid].sum())
+        count += int(valid.sum())
+    if count == 0:
+        raise ValueError("mean_token_loss: the batch has no next-token targets (every text is a single token).")
+    return total / count
+
+
 def uses_centring(model: Any) -> bool:
     """True for LayerNorm (the final norm subtracts the mean), False for RMSNorm."""
     return final_norm(model).centre

@@ -45,11 +45,13 @@ Seed consistency (:func:`match_latents`, :func:`shared_fraction`)
 -----------------------------------------------------------------
 Cosine similarities between the two SAEs' decoder rows (or encoder columns), then the one-to-one
 assignment that maximises their sum (Hungarian algorithm, ``scipy.optimize.linear_sum_assignment``).
-:func:`shared_fraction` is the fraction of matched latents whose partner has cosine ≥ ``threshold``.
-With ``use="both"`` the assignment is the decoder one and a latent is shared only if *both* its
-decoder and its encoder cosine with its partner reach the threshold. **That ``"both"`` rule and the
-default ``threshold=0.7`` are this module's reading, to be verified against the paper** (its exact
-matching and threshold) before any number from here is quoted as a reproduction of it.
+:func:`shared_fraction` is the fraction of matched latents whose partner has cosine > ``threshold``.
+The definition of Paulo & Belrose (EleutherAI blog "SAEs trained on the same data don't learn the same
+features", 2024-12, the paper's precursor): match on the decoder (or encoder — "we find that the two
+options usually yield the same matchings"), and a latent is **shared** "if and only if X is matched to a
+latent Y in B with which it has cosine similarity greater than 0.7 according to both the encoder and
+decoder weights" — ``use="both"``, ``threshold=0.7`` (the defaults). The paper's own methods section could
+not be read here; the blog's rule is the one implemented.
 
 Files (:func:`save_sae`, :func:`load_sae`)
 -----------------------------------------
@@ -571,7 +573,7 @@ class LatentMatch:
     @property
     def similarities(self) -> Float[Tensor, "pair"]:
         """The per-pair similarity that :func:`shared_fraction` thresholds: the decoder or encoder cosine,
-        or for ``use="both"`` the smaller of the two (so ``>= threshold`` means both are)."""
+        or for ``use="both"`` the smaller of the two (so ``> threshold`` means both are)."""
         if self.use == "decoder":
             return self.decoder_similarity
         if self.use == "encoder":
@@ -586,13 +588,12 @@ def _cosine_matrix(a: Float[Tensor, "n_a d"], b: Float[Tensor, "n_b d"]) -> Floa
 
 
 @torch.no_grad()
-def match_latents(sae_a: SparseAutoencoder, sae_b: SparseAutoencoder, *, use: Use = "decoder") -> LatentMatch:
+def match_latents(sae_a: SparseAutoencoder, sae_b: SparseAutoencoder, *, use: Use = "both") -> LatentMatch:
     """Match A's latents one-to-one to B's, maximising the summed cosine similarity (Hungarian algorithm).
 
-    ``use="decoder"`` compares decoder rows, ``"encoder"`` encoder columns; ``"both"`` matches on the
-    decoder and reports both cosines for that matching (a latent is then shared only if both reach the
-    threshold; this module's reading of the paper — to be verified against it). With different sizes only
-    ``min(n_a, n_b)`` latents are matched.
+    ``use="decoder"`` compares decoder rows, ``"encoder"`` encoder columns; ``"both"`` (the default, Paulo &
+    Belrose's rule) matches on the decoder and reports both cosines for that matching, so a latent is
+    shared only if both exceed the threshold. With different sizes only ``min(n_a, n_b)`` latents are matched.
     """
     from scipy.optimize import linear_sum_assignment
 
@@ -620,10 +621,10 @@ def match_latents(sae_a: SparseAutoencoder, sae_b: SparseAutoencoder, *, use: Us
 
 
 def shared_fraction(similarities: Float[Tensor, "pair"] | LatentMatch, threshold: float = 0.7) -> float:
-    """Fraction of matched latents whose partner has similarity ``>= threshold``.
+    """Fraction of matched latents whose partner has similarity ``> threshold`` (Paulo & Belrose: 0.7).
 
-    ``similarities`` is a :class:`LatentMatch` (its :attr:`~LatentMatch.similarities`) or a 1-D tensor of
-    per-pair cosines. The default 0.7 is a placeholder, **to be verified against the paper**.
+    ``similarities`` is a :class:`LatentMatch` (its :attr:`~LatentMatch.similarities`; with ``use="both"``
+    the smaller of the encoder and decoder cosines) or a 1-D tensor of per-pair cosines.
     """
     if isinstance(similarities, LatentMatch):
         similarities = similarities.similarities
@@ -632,7 +633,7 @@ def shared_fraction(similarities: Float[Tensor, "pair"] | LatentMatch, threshold
                          "(from match_latents).")
     if not -1 <= threshold <= 1:
         raise ValueError(f"threshold is a cosine similarity and must lie in [-1, 1], got {threshold!r}.")
-    return float((similarities >= threshold).float().mean())
+    return float((similarities > threshold).float().mean())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -779,7 +780,7 @@ def spliced_loss(model: object, batch: "TokenBatch", hook_name: str, reconstruct
     ``increase`` = spliced − clean, and ``fraction_recovered`` = (zero − spliced) / (zero − clean).
     """
     from helpers.batching import rows_per_forward as default_rows
-    from helpers.effects import next_token_targets
+    from helpers.effects import token_losses
 
     rows = rows_per_forward or default_rows(model, batch.tokens.shape[1])
     totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
@@ -796,12 +797,12 @@ def spliced_loss(model: object, batch: "TokenBatch", hook_name: str, reconstruct
     with torch.no_grad():
         for start in range(0, batch.tokens.shape[0], rows):
             current = batch[start:start + rows]
-            targets, valid = next_token_targets(current)
+            valid = None
             for name, hooks in (("clean", []), ("spliced", [(hook_name, replace_with(reconstruct))]),
                                 ("zero", [(hook_name, replace_with(torch.zeros_like))])):
                 logits = model.run_with_hooks(current.tokens, attention_mask=current.attention_mask, fwd_hooks=hooks)
-                losses = -logits.float().log_softmax(-1).gather(-1, targets[..., None].to(logits.device))[..., 0]
-                totals[name] += float(losses[valid.to(losses.device)].sum())
+                losses, valid = token_losses(logits, current)
+                totals[name] += float(losses[valid].sum())
             count += int(valid.sum())
     if count == 0:
         raise ValueError("spliced_loss: the batch has no next-token targets (every prompt is a single token).")

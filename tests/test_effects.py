@@ -279,3 +279,27 @@ def test_bad_input(model, batch):
         final_norm_scale({})
     with pytest.raises(ValueError, match=r"\[batch, pos, 1\]"):
         freeze_final_norm_scale_hooks(torch.ones(2, 3, 4))
+
+
+def test_token_losses_and_mean_token_loss_match_a_naive_loop(tiny_llama):
+    import math
+
+    from helpers.effects import mean_token_loss, token_losses
+    from helpers.prompts import TokenBatch
+
+    tokens = torch.tensor([[1, 5, 9, 13, 17], [1, 7, 11, 0, 0]])
+    batch = TokenBatch(tokens=tokens, attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+                       padding_side="right")
+    logits = tiny_llama(tokens, attention_mask=batch.attention_mask)
+    losses, valid = token_losses(logits, batch)
+    expected, n = 0.0, 0
+    for row, length in ((0, 5), (1, 3)):
+        for p in range(length - 1):
+            logp = torch.log_softmax(logits[row, p].double(), -1)[tokens[row, p + 1]]
+            assert math.isclose(float(losses[row, p]), -float(logp), rel_tol=1e-4)
+            expected -= float(logp)
+            n += 1
+    assert valid.sum() == n == 6 and not valid[1, 2:].any() and not valid[:, -1].any()
+    assert math.isclose(mean_token_loss(tiny_llama, batch, batch_size=1), expected / n, rel_tol=1e-4)
+    with pytest.raises(ValueError, match="no next-token targets"):
+        mean_token_loss(tiny_llama, TokenBatch(tokens=tokens[:, :1], attention_mask=batch.attention_mask[:, :1]))

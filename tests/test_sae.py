@@ -292,8 +292,9 @@ def test_matching_a_permuted_copy_recovers_the_permutation(trained):
         assert shared_fraction(match, threshold=0.999) == 1.0
 
 
-def test_shared_fraction_counts_at_or_above_threshold():
-    assert shared_fraction(torch.tensor([0.1, 0.7, 0.69, 0.95]), threshold=0.7) == 0.5
+def test_shared_fraction_counts_strictly_above_threshold():
+    # Paulo & Belrose: "cosine similarity greater than 0.7"
+    assert shared_fraction(torch.tensor([0.1, 0.7, 0.71, 0.95]), threshold=0.7) == 0.5
 
 
 # --------------------------------------------------------------------------------------------------

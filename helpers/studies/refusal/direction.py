@@ -48,6 +48,7 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
+from helpers.effects import mean_token_loss  # noqa: F401  (re-exported: corpus loss under an intervention)
 from helpers.studies.refusal.data import (  # noqa: F401  (re-exported: the study's data API)
     DATA_DIR, KINDS, SPLITS, Request, load_harmbench, load_harmbench_requests, load_instructions, load_split_requests,
     describe_requests, load_style_shift, load_style_shift_requests, request_group,
@@ -586,22 +587,6 @@ def side_by_side(first: ConditionResult, second: ConditionResult, n: int = 4, wi
 
 
 @torch.no_grad()
-def mean_token_loss(model: Any, tokens: Any, *, fwd_hooks: Sequence[tuple[str, Callable]] = (),
-                    batch_size: int = 8) -> float:
-    """Mean next-token cross-entropy (nats) over the real tokens of a ``TokenBatch`` (e.g. corpus text)."""
-    total, count = 0.0, 0
-    for start in range(0, len(tokens), batch_size):
-        chunk = tokens[start:start + batch_size]
-        logits = model.run_with_hooks(chunk.tokens, attention_mask=chunk.attention_mask, fwd_hooks=list(fwd_hooks))
-        logprobs = logits[:, :-1].float().log_softmax(-1)
-        target = chunk.tokens[:, 1:]
-        nll = -logprobs.gather(-1, target[..., None])[..., 0]
-        mask = (chunk.attention_mask[:, 1:] * chunk.attention_mask[:, :-1]).float()
-        total += float((nll * mask).sum())
-        count += int(mask.sum())
-    return total / count
-
-
 @dataclass(frozen=True)
 class AblationCost:
     """What directional ablation of one direction costs outside refusal (see :func:`ablation_cost`).
