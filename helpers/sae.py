@@ -102,7 +102,11 @@ __all__ = [
     "save_sae",
     "load_sae",
     "collect_activations",
+    "token_positions",
     "spliced_loss",
+    "top_activating_contexts",
+    "decoder_logit_effects",
+    "steering_hook",
 ]
 
 WEIGHTS_FILE = "sae.safetensors"
@@ -641,10 +645,13 @@ def shared_fraction(similarities: Float[Tensor, "pair"] | LatentMatch, threshold
 # --------------------------------------------------------------------------------------------------
 
 
-def save_sae(sae: SparseAutoencoder, config: SAEConfig | None, directory: str | Path) -> Path:
+def save_sae(sae: SparseAutoencoder, config: SAEConfig | None, directory: str | Path, *,
+             dtype: torch.dtype = torch.float32, metadata: dict | None = None) -> Path:
     """Write ``sae.safetensors`` and ``cfg.json`` (``sparsify``'s layout) into ``directory``; returns it.
 
-    ``config`` defaults to ``sae.config``.
+    ``config`` defaults to ``sae.config``. ``dtype`` is what the tensors are stored in (``torch.float16``
+    halves the file; :func:`load_sae` reads them back as float32). ``metadata`` (JSON-able) is written to
+    ``cfg.json`` under ``"metadata"`` (what the SAE was trained on).
     """
     from safetensors.torch import save_file
 
@@ -658,11 +665,13 @@ def save_sae(sae: SparseAutoencoder, config: SAEConfig | None, directory: str | 
         )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"save_sae: dtype must be torch.float32, float16 or bfloat16, got {dtype!r}.")
     tensors = {
-        "encoder.weight": sae.W_enc.detach().T.contiguous().cpu(),
-        "encoder.bias": sae.b_enc.detach().contiguous().cpu(),
-        "W_dec": sae.W_dec.detach().contiguous().cpu(),
-        "b_dec": sae.b_dec.detach().contiguous().cpu(),
+        "encoder.weight": sae.W_enc.detach().T.contiguous().cpu().to(dtype),
+        "encoder.bias": sae.b_enc.detach().contiguous().cpu().to(dtype),
+        "W_dec": sae.W_dec.detach().contiguous().cpu().to(dtype),
+        "b_dec": sae.b_dec.detach().contiguous().cpu().to(dtype),
     }
     save_file(tensors, str(directory / WEIGHTS_FILE))
     cfg = {
@@ -677,6 +686,7 @@ def save_sae(sae: SparseAutoencoder, config: SAEConfig | None, directory: str | 
         "transcode": False,
         # ours
         **dataclasses.asdict(config),
+        **({"metadata": metadata} if metadata else {}),
     }
     (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
     return directory
@@ -709,10 +719,10 @@ def load_sae(directory: str | Path, *, device: torch.device | str | None = None)
             raise ValueError(f"{directory / WEIGHTS_FILE}: tensor {name!r} should have shape {shape}, got {got}.")
     sae = SparseAutoencoder(config, device=device)
     with torch.no_grad():
-        sae.W_enc.copy_(tensors["encoder.weight"].T)
-        sae.b_enc.copy_(tensors["encoder.bias"])
-        sae.W_dec.copy_(tensors["W_dec"])
-        sae.b_dec.copy_(tensors["b_dec"])
+        sae.W_enc.copy_(tensors["encoder.weight"].T.float())
+        sae.b_enc.copy_(tensors["encoder.bias"].float())
+        sae.W_dec.copy_(tensors["W_dec"].float())
+        sae.b_dec.copy_(tensors["b_dec"].float())
     sae.eval()
     return sae, config
 
@@ -769,6 +779,11 @@ def collect_activations(model: object, batch: "TokenBatch", hook_name: str, *, r
     return acts[mask.cpu()]
 
 
+def token_positions(batch: "TokenBatch", *, skip_first: bool = True) -> Int[Tensor, "n_tokens 2"]:
+    """``(row, position)`` of every row :func:`collect_activations` returns, in the same order."""
+    return _real_token_mask(batch, skip_first).cpu().nonzero()
+
+
 def spliced_loss(model: object, batch: "TokenBatch", hook_name: str, reconstruct, *, skip_first: bool = True,
                  rows_per_forward: int | None = None) -> dict[str, float]:
     """Next-token loss with the activations at ``hook_name`` replaced by ``reconstruct(activations)``.
@@ -810,3 +825,87 @@ def spliced_loss(model: object, batch: "TokenBatch", hook_name: str, reconstruct
     gap = zero - clean
     return {"clean": clean, "spliced": spliced, "zero": zero, "increase": spliced - clean,
             "fraction_recovered": (zero - spliced) / gap if gap != 0 else float("nan")}
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading single latents: contexts, logit effects, steering
+# --------------------------------------------------------------------------------------------------
+
+
+def top_activating_contexts(tokenizer: object, batch: "TokenBatch", positions: Int[Tensor, "n_tokens 2"],
+                            activations: Float[Tensor, "n_tokens"], *, n: int = 8, before: int = 12,
+                            after: int = 3) -> list[dict]:
+    """The ``n`` tokens where one latent is largest, each with its context.
+
+    ``activations`` is the latent's value on every token of ``positions`` (:func:`token_positions` of
+    ``batch``); returns dicts ``activation``, ``row``, ``position``, ``token`` and ``context`` — the
+    ``before`` tokens in front, the token itself in ``[[…]]`` and ``after`` tokens behind. At most one
+    context per (row, position); fewer than ``n`` when the latent is non-zero on fewer tokens.
+    """
+    if activations.ndim != 1 or activations.shape[0] != positions.shape[0]:
+        raise ValueError(f"activations must be 1-D with one value per row of positions ({positions.shape[0]}), "
+                         f"got shape {tuple(activations.shape)}.")
+    if n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}.")
+    values, order = activations.float().topk(min(n, activations.shape[0]))
+    out = []
+    tokens = batch.tokens.cpu()
+    for value, index in zip(values.tolist(), order.tolist()):
+        if value <= 0:
+            break
+        row, pos = positions[index].tolist()
+        left = tokenizer.decode(tokens[row, max(0, pos - before):pos])
+        token = tokenizer.decode(tokens[row, pos:pos + 1])
+        right = tokenizer.decode(tokens[row, pos + 1:pos + 1 + after])
+        out.append({"activation": value, "row": row, "position": pos, "token": token,
+                    "context": f"{left}[[{token}]]{right}".replace("\n", "⏎")})
+    return out
+
+
+@torch.no_grad()
+def decoder_logit_effects(model: object, sae: SparseAutoencoder, latent: int, *, k: int = 8) -> dict[str, list]:
+    """What a latent's decoder direction does to the logits if read directly: ``W_dec[latent] ⊙ γ @ W_U``.
+
+    The direction goes through the final norm's gain ``γ`` (:func:`helpers.models.final_norm`; the norm's
+    scale only rescales every logit alike) and the unembedding, and the logits are centred (their mean
+    over the vocabulary removed). Returns the ``k`` most promoted and most suppressed tokens
+    (``"top"`` / ``"bottom"``: lists of ``(token, logit)``). For an SAE on a middle layer this is the
+    direct path only; later layers change what the latent finally does.
+    """
+    from helpers.models import final_norm
+
+    if not 0 <= latent < sae.n_latents:
+        raise ValueError(f"latent={latent} is out of range for an SAE with {sae.n_latents} latents.")
+    w_u = model.W_U.detach().float().cpu()
+    if w_u.shape[0] != sae.d_in:
+        raise ValueError(f"the SAE's d_in ({sae.d_in}) is not the model's d_model ({w_u.shape[0]}): decoder "
+                         "directions can be read through the unembedding only for residual-stream or "
+                         "sublayer-output sites.")
+    direction = sae.W_dec[latent].detach().float().cpu() * final_norm(model).gain.detach().float().cpu()
+    logits = direction @ w_u
+    logits = logits - logits.mean()
+    top, bottom = logits.topk(k), (-logits).topk(k)
+    decode = model.tokenizer.decode
+    return {"top": [(decode([i]), v) for v, i in zip(top.values.tolist(), top.indices.tolist())],
+            "bottom": [(decode([i]), -v) for v, i in zip(bottom.values.tolist(), bottom.indices.tolist())]}
+
+
+def steering_hook(direction: Float[Tensor, "d"], scale: float):
+    """A forward hook that adds ``scale · direction`` to the activation at every position.
+
+    Use with ``model.run_with_hooks`` / ``model.hooks`` at the SAE's site: steering with a latent is
+    adding its decoder row (Templeton et al. 2024 clamp the latent; adding its direction is the simple form).
+    """
+    if direction.ndim != 1:
+        raise ValueError(f"direction must be 1-D [d], got shape {tuple(direction.shape)}.")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}.")
+    direction = direction.detach()
+
+    def hook(activation: Tensor, hook: object) -> Tensor:
+        if activation.shape[-1] != direction.shape[0]:
+            raise ValueError(f"steering direction has {direction.shape[0]} entries but the activation at "
+                             f"{getattr(hook, 'name', 'this hook')} has {activation.shape[-1]}.")
+        return activation + scale * direction.to(device=activation.device, dtype=activation.dtype)
+
+    return hook

@@ -425,3 +425,90 @@ def test_spliced_loss_identity_zero_and_a_hand_computed_clean_loss(tiny_llama):
     # a halfway reconstruction recovers part of the loss
     half = spliced_loss(tiny_llama, batch, hook, lambda x: 0.5 * x)
     assert half["clean"] == pytest.approx(same["clean"]) and half["spliced"] != pytest.approx(same["clean"], abs=1e-4)
+
+
+def test_float16_files_and_metadata_round_trip(trained, data, tmp_path):
+    sae = trained[0].sae
+    save_sae(sae, None, tmp_path / "half", dtype=torch.float16, metadata={"tokens": 123})
+    with safe_open(str(tmp_path / "half" / "sae.safetensors"), framework="pt") as f:
+        assert f.get_tensor("W_dec").dtype == torch.float16
+    loaded, _ = load_sae(tmp_path / "half")
+    assert loaded.W_dec.dtype == torch.float32
+    torch.testing.assert_close(loaded.W_dec, sae.W_dec.half().float())
+    assert json.loads((tmp_path / "half" / "cfg.json").read_text())["metadata"] == {"tokens": 123}
+    with pytest.raises(ValueError, match="dtype"):
+        save_sae(sae, None, tmp_path / "bad", dtype=torch.int8)
+
+
+def test_token_positions_index_the_collected_rows(tiny_llama):
+    from helpers.prompts import tokenize
+    from helpers.sae import collect_activations, token_positions
+
+    hook = "blocks.0.hook_resid_post"
+    batch = tokenize(tiny_llama, MODEL_TEXTS)
+    acts = collect_activations(tiny_llama, batch, hook, progress=False)
+    positions = token_positions(batch)
+    assert positions.shape == (acts.shape[0], 2)
+    _, cache = tiny_llama.run_with_cache(batch.tokens, attention_mask=batch.attention_mask, names_filter=[hook])
+    for i in (0, 5, acts.shape[0] - 1):
+        row, pos = positions[i].tolist()
+        torch.testing.assert_close(acts[i], cache[hook][row, pos].float())
+        assert batch.attention_mask[row, pos] == 1
+
+
+def test_top_activating_contexts_pick_the_largest_tokens_with_their_context(tiny_llama):
+    from helpers.prompts import tokenize
+    from helpers.sae import token_positions, top_activating_contexts
+
+    batch = tokenize(tiny_llama, MODEL_TEXTS)
+    positions = token_positions(batch)
+    values = torch.zeros(positions.shape[0])
+    values[3], values[7], values[1] = 5.0, 2.0, -1.0
+    found = top_activating_contexts(tiny_llama.tokenizer, batch, positions, values, n=4, before=2, after=1)
+    assert [c["activation"] for c in found] == [5.0, 2.0]  # zero and negative values are not contexts
+    row, pos = positions[3].tolist()
+    token = tiny_llama.tokenizer.decode(batch.tokens[row, pos:pos + 1])
+    assert found[0]["token"] == token and f"[[{token}]]" in found[0]["context"]
+    assert (found[0]["row"], found[0]["position"]) == (row, pos)
+    with pytest.raises(ValueError, match="one value per row"):
+        top_activating_contexts(tiny_llama.tokenizer, batch, positions, values[:-1])
+
+
+def test_decoder_logit_effects_match_a_naive_readout(tiny_llama):
+    from helpers.models import final_norm
+    from helpers.sae import decoder_logit_effects
+
+    d = tiny_llama.cfg.d_model
+    sae = SparseAutoencoder(SAEConfig(d_in=d, n_latents=16, k=2), generator=torch.Generator().manual_seed(0))
+    got = decoder_logit_effects(tiny_llama, sae, 3, k=5)
+    gain = final_norm(tiny_llama).gain.float()
+    naive = torch.stack([(sae.W_dec[3] * gain) @ tiny_llama.W_U[:, t].float() for t in range(tiny_llama.W_U.shape[1])])
+    naive = (naive - naive.mean()).detach()
+    top = naive.topk(5)
+    assert [t for t, _ in got["top"]] == [tiny_llama.tokenizer.decode([i]) for i in top.indices.tolist()]
+    torch.testing.assert_close(torch.tensor([v for _, v in got["top"]]), top.values.detach(), rtol=1e-4, atol=1e-5)
+    assert got["bottom"][0][1] == pytest.approx(float(naive.min()), rel=1e-4, abs=1e-5)
+    with pytest.raises(ValueError, match="out of range"):
+        decoder_logit_effects(tiny_llama, sae, 16)
+
+
+def test_steering_hook_adds_the_scaled_direction_everywhere(tiny_llama):
+    from helpers.prompts import tokenize
+    from helpers.sae import steering_hook
+
+    hook = "blocks.0.hook_resid_post"
+    batch = tokenize(tiny_llama, MODEL_TEXTS[:1])
+    direction = torch.randn(tiny_llama.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    seen = {}
+
+    def grab(name):
+        def fn(activation, hook):
+            seen[name] = activation.detach().clone()
+        return fn
+
+    tiny_llama.run_with_hooks(batch.tokens, fwd_hooks=[(hook, grab("clean"))])
+    tiny_llama.run_with_hooks(batch.tokens, fwd_hooks=[(hook, steering_hook(direction, 3.0)), (hook, grab("steered"))])
+    torch.testing.assert_close(seen["steered"] - seen["clean"], 3.0 * direction.expand_as(seen["clean"]),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="1-D"):
+        steering_hook(direction[None], 1.0)
