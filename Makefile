@@ -32,7 +32,7 @@ export PYTHONHASHSEED := 0
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test unit-test notebook-test browser-check install-check reproduce colab-links grokking-checkpoint safety-adapter safety-recipes lock benchmarks clean
+.PHONY: setup test unit-test notebook-test browser-check install-check reproduce colab-links grokking-checkpoint sae-checkpoint safety-adapter safety-recipes lock benchmarks clean
 
 setup: $(STAMP)
 
@@ -104,6 +104,11 @@ colab-links: setup
 # The committed grokking checkpoint (ci profile) was made with exactly this command (1 thread).
 grokking-checkpoint: setup
 	$(PY) scripts/train_grokking_checkpoint.py --epochs 15000 --threads 1
+
+# The SAE the sparse-autoencoder notebook's ci profile reads single latents from (helpers/data/sae/):
+# TopK k=32, 2,304 latents, on ~500k tokens of SmolLM2's MLP-15 output. 2 threads (deterministic for that count).
+sae-checkpoint: setup
+	$(PY) scripts/train_sae_checkpoint.py --threads 2
 
 # The LoRA adapter that safety-tunes the embedded model for the refusal study, its training data
 # and report (helpers/data/refusal/). 1 torch thread (the default): regenerates the shipped files exactly.

@@ -785,7 +785,7 @@ def token_positions(batch: "TokenBatch", *, skip_first: bool = True) -> Int[Tens
 
 
 def spliced_loss(model: object, batch: "TokenBatch", hook_name: str, reconstruct, *, skip_first: bool = True,
-                 rows_per_forward: int | None = None) -> dict[str, float]:
+                 rows_per_forward: int | None = None, baselines: dict[str, float] | None = None) -> dict[str, float]:
     """Next-token loss with the activations at ``hook_name`` replaced by ``reconstruct(activations)``.
 
     ``reconstruct`` maps ``[n, d]`` float32 activations to their replacement (an SAE:
@@ -793,6 +793,9 @@ def spliced_loss(model: object, batch: "TokenBatch", hook_name: str, reconstruct
     (with ``skip_first`` BOS keeps its own activation, as it was not trained on). Returns the mean loss over
     next-token targets (``clean``, ``spliced``, ``zero``: the site's activations set to 0 on the same tokens),
     ``increase`` = spliced − clean, and ``fraction_recovered`` = (zero − spliced) / (zero − clean).
+
+    ``baselines``: the ``clean`` and ``zero`` losses of an earlier call on the same batch and site (its
+    returned dict), so that evaluating many SAEs runs the model once per SAE instead of three times.
     """
     from helpers.batching import rows_per_forward as default_rows
     from helpers.effects import token_losses
@@ -800,6 +803,10 @@ def spliced_loss(model: object, batch: "TokenBatch", hook_name: str, reconstruct
     rows = rows_per_forward or default_rows(model, batch.tokens.shape[1])
     totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
     count = 0
+    if baselines is not None and not {"clean", "zero"} <= set(baselines):
+        raise ValueError("spliced_loss: baselines must be the dict an earlier spliced_loss call returned "
+                         "(with 'clean' and 'zero').")
+    conditions = ("spliced",) if baselines is not None else ("clean", "spliced", "zero")
 
     def replace_with(fn):
         def hook(activation: Tensor, hook: object) -> Tensor:
@@ -815,6 +822,8 @@ def spliced_loss(model: object, batch: "TokenBatch", hook_name: str, reconstruct
             valid = None
             for name, hooks in (("clean", []), ("spliced", [(hook_name, replace_with(reconstruct))]),
                                 ("zero", [(hook_name, replace_with(torch.zeros_like))])):
+                if name not in conditions:
+                    continue
                 logits = model.run_with_hooks(current.tokens, attention_mask=current.attention_mask, fwd_hooks=hooks)
                 losses, valid = token_losses(logits, current)
                 totals[name] += float(losses[valid].sum())
@@ -822,6 +831,8 @@ def spliced_loss(model: object, batch: "TokenBatch", hook_name: str, reconstruct
     if count == 0:
         raise ValueError("spliced_loss: the batch has no next-token targets (every prompt is a single token).")
     clean, spliced, zero = (totals[k] / count for k in ("clean", "spliced", "zero"))
+    if baselines is not None:
+        clean, zero = baselines["clean"], baselines["zero"]
     gap = zero - clean
     return {"clean": clean, "spliced": spliced, "zero": zero, "increase": spliced - clean,
             "fraction_recovered": (zero - spliced) / gap if gap != 0 else float("nan")}

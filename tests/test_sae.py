@@ -425,6 +425,11 @@ def test_spliced_loss_identity_zero_and_a_hand_computed_clean_loss(tiny_llama):
     # a halfway reconstruction recovers part of the loss
     half = spliced_loss(tiny_llama, batch, hook, lambda x: 0.5 * x)
     assert half["clean"] == pytest.approx(same["clean"]) and half["spliced"] != pytest.approx(same["clean"], abs=1e-4)
+    # reusing the clean and zeroed losses of an earlier call changes nothing
+    reused = spliced_loss(tiny_llama, batch, hook, lambda x: 0.5 * x, baselines=same)
+    assert reused == pytest.approx(half)
+    with pytest.raises(ValueError, match="baselines"):
+        spliced_loss(tiny_llama, batch, hook, lambda x: x, baselines={"clean": 1.0})
 
 
 def test_float16_files_and_metadata_round_trip(trained, data, tmp_path):
