@@ -106,9 +106,9 @@ grokking-checkpoint: setup
 	$(PY) scripts/train_grokking_checkpoint.py --epochs 15000 --threads 1
 
 # The SAE the sparse-autoencoder notebook's ci profile reads single latents from (helpers/data/sae/):
-# TopK k=32, 2,304 latents, on ~500k tokens of SmolLM2's MLP-15 output. 2 threads (deterministic for that count).
+# TopK k=32, 2,304 latents, on ~500k tokens of SmolLM2's MLP-15 output. 1 thread (deterministic for that count).
 sae-checkpoint: setup
-	$(PY) scripts/train_sae_checkpoint.py --threads 2
+	$(PY) scripts/train_sae_checkpoint.py --threads 1
 
 # The LoRA adapter that safety-tunes the embedded model for the refusal study, its training data
 # and report (helpers/data/refusal/). 1 torch thread (the default): regenerates the shipped files exactly.

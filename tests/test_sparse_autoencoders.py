@@ -122,3 +122,15 @@ def test_shipped_sae_is_found_or_named():
         assert metadata["training_tokens"] >= 490_000 and sae.n_latents == 4 * sae.d_in
     with pytest.raises(FileNotFoundError, match="make sae-checkpoint"):
         S.load_shipped_sae(S.DATA_DIR / "no-such-sae")
+
+
+def test_corpus_windows_hold_out_the_first_windows(tiny_llama):
+    from helpers.corpus import load_corpus_tokens
+
+    train, held_out = S.corpus_windows(tiny_llama, 5, 2, 32, seed=3)
+    every = load_corpus_tokens(tiny_llama, 7, 32, seed=3)
+    assert torch.equal(held_out.tokens, every.tokens[:2]) and torch.equal(train.tokens, every.tokens[2:])
+    smaller_train, smaller_held_out = S.corpus_windows(tiny_llama, 2, 1, 32, seed=3)
+    assert torch.equal(smaller_held_out.tokens, held_out.tokens[:1])  # a smaller run's held-out windows stay held out
+    with pytest.raises(ValueError, match="n_eval"):
+        S.corpus_windows(tiny_llama, 5, 0, 32)

@@ -203,8 +203,11 @@ def corpus_windows(model: Any, n_train: int, n_eval: int, seq_len: int, *, seed:
     """Disjoint training and held-out windows of the offline corpus (:func:`helpers.corpus.load_corpus_tokens`).
 
     One call cuts ``n_train + n_eval`` consecutive windows of ``seq_len`` tokens (BOS first) from the shuffled
-    corpus (``source``: ``"wikipedia"`` offline, ``"pile"`` / ``"c4"`` from the hub); the first ``n_train``
-    train the SAEs, the last ``n_eval`` evaluate them — no token is in both.
+    corpus (``source``: ``"wikipedia"`` offline, ``"pile"`` / ``"c4"`` from the hub); the **first** ``n_eval``
+    evaluate the SAEs, the next ``n_train`` train them — no token is in both. Held-out windows come first so
+    that a smaller run's held-out windows (``ci``: 8) are held out from a larger run's training windows too
+    (the shipped SAE, trained on the ``embedded`` split, never saw them).
+    Returns ``(train, held_out)``.
     """
     from helpers.corpus import load_corpus_tokens
 
@@ -212,7 +215,7 @@ def corpus_windows(model: Any, n_train: int, n_eval: int, seq_len: int, *, seed:
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"corpus_windows: {name} must be a positive int, got {value!r}.")
     windows = load_corpus_tokens(model, n_train + n_eval, seq_len, seed=seed, source=source)
-    return windows[:n_train], windows[n_train:]
+    return windows[n_eval:], windows[:n_eval]
 
 
 def load_shipped_sae(directory: Path | str = SHIPPED_SAE_DIR, *, device: torch.device | str | None = None
