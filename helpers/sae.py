@@ -880,7 +880,7 @@ def decoder_logit_effects(model: object, sae: SparseAutoencoder, latent: int, *,
     The direction goes through the final norm's gain ``γ`` (:func:`helpers.models.final_norm`; the norm's
     scale only rescales every logit alike) and the unembedding, and the logits are centred (their mean
     over the vocabulary removed). Returns the ``k`` most promoted and most suppressed tokens
-    (``"top"`` / ``"bottom"``: lists of ``(token, logit)``). For an SAE on a middle layer this is the
+    (``"top"`` / ``"bottom"``: lists of ``(token, logit)``; ``"top_ids"`` / ``"bottom_ids"``: their ids). For an SAE on a middle layer this is the
     direct path only; later layers change what the latent finally does.
     """
     from helpers.models import final_norm
@@ -898,7 +898,8 @@ def decoder_logit_effects(model: object, sae: SparseAutoencoder, latent: int, *,
     top, bottom = logits.topk(k), (-logits).topk(k)
     decode = model.tokenizer.decode
     return {"top": [(decode([i]), v) for v, i in zip(top.values.tolist(), top.indices.tolist())],
-            "bottom": [(decode([i]), -v) for v, i in zip(bottom.values.tolist(), bottom.indices.tolist())]}
+            "bottom": [(decode([i]), -v) for v, i in zip(bottom.values.tolist(), bottom.indices.tolist())],
+            "top_ids": top.indices.tolist(), "bottom_ids": bottom.indices.tolist()}
 
 
 def steering_hook(direction: Float[Tensor, "d"], scale: float):

@@ -491,6 +491,7 @@ def test_decoder_logit_effects_match_a_naive_readout(tiny_llama):
     naive = (naive - naive.mean()).detach()
     top = naive.topk(5)
     assert [t for t, _ in got["top"]] == [tiny_llama.tokenizer.decode([i]) for i in top.indices.tolist()]
+    assert got["top_ids"] == top.indices.tolist() and got["bottom_ids"][0] == int(naive.argmin())
     torch.testing.assert_close(torch.tensor([v for _, v in got["top"]]), top.values.detach(), rtol=1e-4, atol=1e-5)
     assert got["bottom"][0][1] == pytest.approx(float(naive.min()), rel=1e-4, abs=1e-5)
     with pytest.raises(ValueError, match="out of range"):

@@ -6,6 +6,7 @@
 * :mod:`helpers.studies.entropy_neurons` — ``04_entropy_neurons`` (Stolfo et al. 2024)
 * :mod:`helpers.studies.self_repair` — ``05_self_repair`` (Rushing & Nanda 2024)
 * :mod:`helpers.studies.patching_practices` — ``06_activation_patching_best_practices`` (Zhang & Nanda 2024)
+* :mod:`helpers.studies.sparse_autoencoders` — ``07_sparse_autoencoders`` (Paulo & Belrose 2025)
 
 A study builds on the toolkit (``helpers.<module>``: profiles, models, prompts, metrics, patching,
 ablation, effects, attribution, plotting, notebook, …); the toolkit never imports a study. Nothing is

@@ -32,6 +32,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from helpers.packaged_files import HELPERS_DATA_DIR
 from helpers.sae import (
     LatentMatch,
     SAEConfig,
@@ -48,7 +49,7 @@ from helpers.sae import (
     train_sae,
 )
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "sae"
+DATA_DIR = HELPERS_DATA_DIR / "sae"
 SHIPPED_SAE_DIR = DATA_DIR / "smollm2-mlp15-topk32"
 """The SAE ``make sae-checkpoint`` writes (``scripts/train_sae_checkpoint.py``)."""
 
