@@ -77,6 +77,12 @@ STUDIES = [
          runtime_ci="2.2 min [≈1] before the S-inhibition and S2-vs-S1+IO sections; Gemma-3-270M 7.9 min (shared CPU)",
          status="reproduced on the embedded model and (ci) on Gemma-3-270M, except: GN and STR find the same top "
                 "IOI heads, and sliding windows do not inflate effects (peak ratios 0.96 / 0.93 / 0.81)"),
+    dict(notebook="07_sparse_autoencoders", study="Sparse autoencoders: frontier & seed consistency",
+         paper="Paulo & Belrose 2025", paper_model="Pythia-160m MLP 6 (blog); Llama-3-8B in the paper",
+         embedded_model="SmolLM2-135M-Instruct, MLP 15", runtime_embedded="not run yet",
+         runtime_ci="5.8 min (beside two other jobs, 1 thread; 2026-12-02)",
+         status="new: committed outputs are the `ci` run (SAEs on 12k tokens; single latents from the shipped SAE "
+                "trained on 500k tokens); the embedded run is still to do"),
 ]
 
 

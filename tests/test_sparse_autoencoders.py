@@ -134,3 +134,11 @@ def test_corpus_windows_hold_out_the_first_windows(tiny_llama):
     assert torch.equal(smaller_held_out.tokens, held_out.tokens[:1])  # a smaller run's held-out windows stay held out
     with pytest.raises(ValueError, match="n_eval"):
         S.corpus_windows(tiny_llama, 5, 0, 32)
+
+
+def test_chance_similarity_is_low_for_random_and_one_for_a_copy():
+    config = SAEConfig(d_in=64, n_latents=32, k=3)
+    sae = SparseAutoencoder(config, generator=torch.Generator().manual_seed(0))
+    chance = S.chance_similarity(sae)
+    assert 0 < chance < 0.5
+    assert S.chance_similarity(sae, seed=0) == pytest.approx(1.0)  # seed 0 rebuilds the same initial SAE

@@ -219,6 +219,13 @@ def corpus_windows(model: Any, n_train: int, n_eval: int, seq_len: int, *, seed:
     return windows[n_eval:], windows[:n_eval]
 
 
+def chance_similarity(sae: SparseAutoencoder, *, seed: int = 12345) -> float:
+    """Median matched decoder cosine between ``sae`` and an untrained SAE of the same config (random unit
+    decoder rows): what the Hungarian matching finds when two dictionaries have nothing in common."""
+    untrained = SparseAutoencoder(replace(sae.config, seed=seed), generator=torch.Generator().manual_seed(seed))
+    return float(match_latents(sae, untrained, use="decoder").decoder_similarity.median())
+
+
 def load_shipped_sae(directory: Path | str = SHIPPED_SAE_DIR, *, device: torch.device | str | None = None
                      ) -> tuple[SparseAutoencoder, SAEConfig, dict]:
     """The shipped SAE, its config and its training metadata (site, model, tokens).
