@@ -131,7 +131,8 @@ def write_table() -> None:
               "(helpers/data/refusal/README.md).",
               "", "A recipe whose evaluation shows only the selection was evaluated before the selection could fall back "
               "to the lowest-KL candidate; it stopped there. Training times were measured with another job on the "
-              "second core (the last two with several)."]
+              "second core (the cw3 and full-down recipes with several; gen300 beside two other jobs, whose 6 min of request sampling "
+              "and 2.5 min of answering are outside the training time)."]
     TABLE.write_text("\n".join(lines) + "\n")
     print(TABLE.read_text())
 
