@@ -42,9 +42,10 @@ REFUSAL_NOTEBOOK = "03_refusal_direction"
 STUDIES = [
     dict(notebook="01_grokking_fourier_circuits", study="Grokking: Fourier circuits & progress measures",
          paper="Nanda et al. 2023", paper_model="1-layer transformer trained from scratch (p = 113)",
-         embedded_model="same model, trained here", runtime_embedded="36 min (trains 40k epochs; 1 thread; 2026-11-21)",
-         runtime_ci="0.6 min [≈1]", status="reproduced; committed outputs are the `ci` run on the shipped 15k-epoch "
-         "checkpoint (the 40k-epoch embedded re-run after the §4.4 / Fig. 7 additions timed out beside other runs)"),
+         embedded_model="same model, trained here",
+         runtime_embedded="98.7 min (40k epochs + 3 more seeds × 15k epochs; 1 thread beside 1–2 other jobs; 2026-12-02)",
+         runtime_ci="0.7 min [≈1]", status="reproduced (`embedded` run: every assertion passes; seeds 1–3 all grok, "
+         "each with its own key frequencies)"),
     dict(notebook="02_ioi_circuit", study="Indirect object identification circuit",
          paper="Wang et al. 2022", paper_model="GPT-2 small", embedded_model="SmolLM2-135M-Instruct",
          runtime_embedded="17.2 min (beside one other run, 1 thread; 2026-12-02)", runtime_ci="2.5–3.0 min [≈1] before backup name movers and §4.4",
