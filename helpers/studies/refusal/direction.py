@@ -586,7 +586,6 @@ def side_by_side(first: ConditionResult, second: ConditionResult, n: int = 4, wi
     })
 
 
-@torch.no_grad()
 @dataclass(frozen=True)
 class AblationCost:
     """What directional ablation of one direction costs outside refusal (see :func:`ablation_cost`).
