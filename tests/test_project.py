@@ -267,3 +267,16 @@ def test_committed_progress_bars_are_finished_or_absent():
                     assert data[view]["model_id"] in saved, f"{path.name} cell {index}: a widget output without saved state"
                     assert not re.search(r"\b0%\|", "".join(data.get("text/plain", ""))), (
                         f"{path.name} cell {index}: a progress bar reads 0%; run scripts/progress_bars.py on it")
+
+
+def test_importing_every_helpers_module_emits_no_warning():
+    """A warning at import time (a stray decorator, a deprecated API) reaches every user; none is allowed."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    modules = sorted(".".join(p.relative_to(root).with_suffix("").parts) for p in (root / "helpers").rglob("*.py"))
+    modules = [m.removesuffix(".__init__") for m in modules]
+    code = "import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules)
+    result = subprocess.run([sys.executable, "-W", "error", "-c", code], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
