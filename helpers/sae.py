@@ -819,11 +819,9 @@ def spliced_loss(model: object, batch: "TokenBatch", hook_name: str, reconstruct
     with torch.no_grad():
         for start in range(0, batch.tokens.shape[0], rows):
             current = batch[start:start + rows]
-            valid = None
-            for name, hooks in (("clean", []), ("spliced", [(hook_name, replace_with(reconstruct))]),
-                                ("zero", [(hook_name, replace_with(torch.zeros_like))])):
-                if name not in conditions:
-                    continue
+            replacements = {"clean": None, "spliced": reconstruct, "zero": torch.zeros_like}
+            for name in conditions:
+                hooks = [] if replacements[name] is None else [(hook_name, replace_with(replacements[name]))]
                 logits = model.run_with_hooks(current.tokens, attention_mask=current.attention_mask, fwd_hooks=hooks)
                 losses, valid = token_losses(logits, current)
                 totals[name] += float(losses[valid].sum())

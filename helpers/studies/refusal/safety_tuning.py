@@ -178,6 +178,12 @@ def hf_generate_greedy(hf_model: Any, tokenizer: Any, instructions: Sequence[str
     return replies
 
 
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token that ends a chat turn: ``<|im_end|>`` where the vocabulary has it, else the EOS token."""
+    vocab = tokenizer.get_vocab()
+    return vocab["<|im_end|>"] if "<|im_end|>" in vocab else tokenizer.eos_token_id
+
+
 def user_turn_prefix(tokenizer: Any) -> str:
     """The chat template's text up to where a user's message starts (system prompt included).
 
@@ -224,8 +230,7 @@ def sample_user_requests(hf_model: Any, tokenizer: Any, n: int, *, seed: int, ma
     """
     if n <= 0:
         raise ValueError(f"sample_user_requests: n must be positive, got {n}.")
-    end_id = (tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab()
-              else tokenizer.eos_token_id)
+    end_id = end_of_turn_id(tokenizer)
     prefix = tokenizer(user_turn_prefix(tokenizer), return_tensors="pt", add_special_tokens=False)["input_ids"]
     prefix = prefix.to(hf_model.device)
     seen = {e.strip().lower() for e in exclude}
@@ -283,8 +288,7 @@ def encode_example(tokenizer: Any, example: TrainingExample) -> tuple[list[int],
     prompt_ids = tokenizer(chat_text(tokenizer, example.instruction), add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
     if example.ends_turn:
-        response_ids = response_ids + [tokenizer.convert_tokens_to_ids("<|im_end|>")
-                                       if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token_id]
+        response_ids = response_ids + [end_of_turn_id(tokenizer)]
     return prompt_ids + response_ids, [-100] * len(prompt_ids) + response_ids
 
 
