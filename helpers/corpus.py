@@ -303,6 +303,7 @@ def load_corpus_tokens(
     seed: int = 0,
     source: CorpusSource = "wikipedia",
     prepend_bos: bool = True,
+    allow_fewer: bool = False,
 ) -> TokenBatch:
     """``n_sequences`` windows of exactly ``seq_len`` tokens of natural English, as a TokenBatch.
 
@@ -319,6 +320,10 @@ def load_corpus_tokens(
         seed: shuffling seed; the same seed gives the same windows.
         source: ``"wikipedia"`` (offline, embedded/ci profiles), ``"c4"`` or ``"pile"`` (paper profile).
         prepend_bos: start every window with BOS.
+        allow_fewer: when the corpus has fewer than ``n_sequences`` windows with this tokenizer,
+            return all the full windows it has instead of raising (for statistics over "as much of
+            the corpus as the size asks for", e.g. unigram counts: tokenizers differ in how many
+            tokens the same text makes). ``len(result)`` says how many came back.
 
     Raises:
         CorpusNotAvailableError: the corpus cannot be read here (see :func:`wikipedia_dump_path`,
@@ -347,10 +352,14 @@ def load_corpus_tokens(
             stream.append(separator)
         if len(stream) >= needed:
             break
+    if len(stream) < needed and allow_fewer and len(stream) >= body_len:
+        n_sequences = len(stream) // body_len
+        needed = n_sequences * body_len
     if len(stream) < needed:
         raise ValueError(
             f"Asked for {n_sequences} x {seq_len} tokens ({needed} of text) but corpus {source!r} has only "
-            f"{len(stream)} with this tokenizer. Ask for fewer or shorter sequences."
+            f"{len(stream)} with this tokenizer. Ask for fewer or shorter sequences (or pass allow_fewer=True "
+            f"to take every full window there is)."
         )
     body = torch.tensor(stream[:needed], dtype=torch.long).reshape(n_sequences, body_len)
     if prepend_bos:

@@ -112,6 +112,18 @@ def test_token_windows_bad_arguments(tiny_llama):
         load_corpus_tokens(tiny_llama, 10_000, 1000)
 
 
+def test_allow_fewer_returns_every_full_window(tiny_llama):
+    available = corpus_token_count(tiny_llama)
+    window = 1000
+    batch = load_corpus_tokens(tiny_llama, 10_000, window, allow_fewer=True)
+    stream = available + len(load_corpus_texts())  # every paragraph is followed by one end-of-text token
+    assert tiny_llama.tokenizer.eos_token_id is not None
+    assert len(batch) == stream // (window - 1)
+    assert len(batch) < 10_000 and batch.tokens.shape[1] == window
+    enough = load_corpus_tokens(tiny_llama, 6, 32, seed=0, allow_fewer=True)  # enough text: the usual result
+    assert torch.equal(enough.tokens, load_corpus_tokens(tiny_llama, 6, 32, seed=0).tokens)
+
+
 def test_hub_corpus_fails_clearly_offline(monkeypatch, tiny_llama):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CorpusNotAvailableError, match="source='wikipedia'"):
