@@ -231,6 +231,49 @@ def test_unigram_distribution():
         en.unigram_distribution(tokens, 4)
 
 
+def test_token_counts_and_log_frequency_vector():
+    tokens = torch.tensor([[0, 1, 1, 2], [2, 2, 5, 0]])
+    counts = en.token_counts(tokens, 6, ignore=[0])
+    assert counts.tolist() == [0, 2, 3, 0, 0, 1]
+    log_unigram = en.unigram_distribution(tokens, 6, ignore=[0]).log()
+    torch.testing.assert_close(en.log_frequency_vector(log_unigram), log_unigram - log_unigram.mean())
+    vector = en.log_frequency_vector(log_unigram, seen=counts > 0)
+    seen = log_unigram[[1, 2, 5]]
+    torch.testing.assert_close(vector[[1, 2, 5]], seen - seen.mean())  # centred over the measured tokens
+    assert vector[[0, 3, 4]].tolist() == [0.0, 0.0, 0.0]  # no measured frequency: left at 0
+    assert abs(float(vector.sum())) < 1e-6  # sums to 0 over the vocabulary: centring it again changes nothing
+    with pytest.raises(ValueError, match="one entry per token"):
+        en.log_frequency_vector(log_unigram, seen=torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="at least 2"):
+        en.log_frequency_vector(log_unigram, seen=counts == 3)
+    with pytest.raises(ValueError, match="token ids"):
+        en.token_counts(tokens, 4)
+
+
+def test_frequency_scores_with_unseen_tokens_find_the_planted_neuron(model):
+    # Half the vocabulary never occurs in the counted text: those tokens sit at the smoothing floor.
+    generator = torch.Generator().manual_seed(6)
+    d_vocab = model.cfg.d_vocab
+    seen = torch.zeros(d_vocab, dtype=torch.bool)
+    seen[torch.randperm(d_vocab, generator=generator)[: d_vocab // 2]] = True
+    counts = torch.where(seen, torch.randint(1, 1000, (d_vocab,), generator=generator), 0).float()
+    log_unigram = ((counts + 1) / (counts + 1).sum()).log()
+    readout = en.final_readout(model)
+    direction = en.unigram_direction(model, log_unigram, readout=readout, seen=seen)
+    # the fit is over the seen tokens only: no other unit direction matches ℓ better there
+    W_eff = en.effective_unembedding(model, readout)
+    target = en.log_frequency_vector(log_unigram, seen=seen)[seen]
+    fit = lambda v: float(torch.nn.functional.cosine_similarity(W_eff.T[seen] @ v, target, dim=0))
+    whole_vocab = en.unigram_direction(model, log_unigram, readout=readout)
+    assert fit(direction) >= fit(whole_vocab) - 1e-5
+    _set_output_row(model, PLANTED_FREQUENCY, direction - direction.mean() if readout.kind == "ln" else direction)
+    try:
+        scores = en.frequency_scores(model, log_unigram, readout=readout, seen=seen)
+        assert en.token_frequency_candidates(scores, 1) == [PLANTED_FREQUENCY]
+    finally:
+        _set_output_row(model, PLANTED_FREQUENCY, torch.zeros(model.cfg.d_model))
+
+
 def test_frequency_scores_find_a_planted_frequency_neuron(model):
     generator = torch.Generator().manual_seed(5)
     log_unigram = torch.log_softmax(3 * torch.randn(model.cfg.d_vocab, generator=generator), -1)

@@ -312,6 +312,21 @@ def random_neurons(d_mlp: int, n: int, *, seed: int, exclude: Sequence[int] = ()
 # --------------------------------------------------------------------------------------------------
 
 
+def token_counts(
+    tokens: Int[torch.Tensor, "..."],
+    d_vocab: int,
+    *,
+    ignore: Sequence[int] = (),
+) -> Int[torch.Tensor, "d_vocab"]:
+    """How often each token id occurs in ``tokens`` (ids in ``ignore``, e.g. BOS, not counted)."""
+    flat = tokens.flatten().cpu()
+    if len(ignore):
+        flat = flat[~torch.isin(flat, torch.tensor(list(ignore)))]
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= d_vocab):
+        raise ValueError(f"token ids must be in 0..{d_vocab - 1}.")
+    return torch.bincount(flat, minlength=d_vocab)
+
+
 def unigram_distribution(
     tokens: Int[torch.Tensor, "..."],
     d_vocab: int,
@@ -323,13 +338,37 @@ def unigram_distribution(
     smoothed so that every token has non-zero probability."""
     if pseudocount <= 0:
         raise ValueError(f"pseudocount must be > 0 (every token needs a non-zero probability), got {pseudocount}.")
-    flat = tokens.flatten().cpu()
-    if len(ignore):
-        flat = flat[~torch.isin(flat, torch.tensor(list(ignore)))]
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= d_vocab):
-        raise ValueError(f"token ids must be in 0..{d_vocab - 1}.")
-    counts = torch.bincount(flat, minlength=d_vocab).double() + pseudocount
+    counts = token_counts(tokens, d_vocab, ignore=ignore).double() + pseudocount
     return (counts / counts.sum()).float()
+
+
+def log_frequency_vector(
+    log_unigram: Float[torch.Tensor, "d_vocab"],
+    *,
+    seen: Bool[torch.Tensor, "d_vocab"] | None = None,
+) -> Float[torch.Tensor, "d_vocab"]:
+    """The unigram direction in logit space, ``ℓ``: the log-frequencies centred over the tokens whose
+    frequency was measured (``seen``, e.g. ``token_counts(...) > 0``) and 0 on the others;
+    ``seen=None``: every token (the log-unigram vector centred over the whole vocabulary).
+
+    Why not always the whole vocabulary: smoothing gives every token that the counted text never
+    contains the same floor value. The paper counts the model's training data, where nearly every token
+    occurs; a sample of a few hundred thousand tokens leaves most of a large vocabulary unseen
+    (Gemma-3: 33k of 262k types in the embedded profile's 510k tokens), and the whole-vocabulary vector
+    is then mostly the contrast *seen once vs never seen* rather than log frequency. ``ℓ`` sums to 0
+    over the vocabulary either way, so freezing the logits' component along it
+    (``mean_ablation_effects(frozen_logit_direction=ℓ)``) leaves the unseen tokens' logits alone."""
+    log_unigram = log_unigram.float()
+    if seen is None:
+        return log_unigram - log_unigram.mean()
+    seen = torch.as_tensor(seen, dtype=torch.bool, device=log_unigram.device).flatten()
+    if seen.shape != log_unigram.shape:
+        raise ValueError(f"seen must have one entry per token ({log_unigram.numel()}), got shape {tuple(seen.shape)}.")
+    if int(seen.sum()) < 2:
+        raise ValueError(f"seen marks {int(seen.sum())} tokens; the unigram direction needs at least 2 measured tokens.")
+    vector = torch.zeros_like(log_unigram)
+    vector[seen] = log_unigram[seen] - log_unigram[seen].mean()
+    return vector
 
 
 def frequency_scores(
@@ -337,13 +376,15 @@ def frequency_scores(
     log_unigram: Float[torch.Tensor, "d_vocab"],
     *,
     readout: FinalReadout | None = None,
+    seen: Bool[torch.Tensor, "d_vocab"] | None = None,
 ) -> Float[torch.Tensor, "d_mlp"]:
-    """Cosine between each final-layer neuron's direct logit effect ``W_effᵀ w_out`` and the centred
-    log-unigram vector. +1: the neuron raises frequent tokens' logits in proportion to their log
-    frequency (pushes towards the unigram distribution); -1: away from it."""
+    """Cosine between each final-layer neuron's direct logit effect ``W_effᵀ w_out`` and the unigram
+    direction ``ℓ`` (:func:`log_frequency_vector`; ``seen``: the tokens whose frequency was measured).
+    +1: the neuron raises frequent tokens' logits in proportion to their log frequency (pushes towards
+    the unigram distribution); -1: away from it."""
     readout = final_readout(model) if readout is None else readout
     W_eff = effective_unembedding(model, readout)
-    target = log_unigram.float() - log_unigram.float().mean()
+    target = log_frequency_vector(log_unigram, seen=seen).to(W_eff.device)
     direct = output_weights(model, readout=readout) @ W_eff  # [d_mlp, d_vocab], rows centred already
     return torch.nn.functional.cosine_similarity(direct, target[None, :], dim=-1)
 
@@ -353,13 +394,17 @@ def unigram_direction(
     log_unigram: Float[torch.Tensor, "d_vocab"],
     *,
     readout: FinalReadout | None = None,
+    seen: Bool[torch.Tensor, "d_vocab"] | None = None,
 ) -> Float[torch.Tensor, "d_model"]:
     """Unit direction ``v`` of the (normalised) residual stream whose logits ``W_effᵀ v`` best fit the
-    centred log-unigram vector (least squares). Adding it makes the prediction more unigram-like."""
+    unigram direction ``ℓ`` (least squares, over the ``seen`` tokens only when given: the others have
+    no measured frequency; :func:`log_frequency_vector`). Adding it makes the prediction more
+    unigram-like."""
     readout = final_readout(model) if readout is None else readout
     W_eff = effective_unembedding(model, readout)
-    target = (log_unigram.float() - log_unigram.float().mean())[:, None]
-    v = torch.linalg.lstsq(W_eff.T, target).solution[:, 0]
+    target = log_frequency_vector(log_unigram, seen=seen).to(W_eff.device)
+    rows = slice(None) if seen is None else torch.as_tensor(seen, dtype=torch.bool).flatten().to(W_eff.device)
+    v = torch.linalg.lstsq(W_eff.T[rows], target[rows][:, None]).solution[:, 0]
     return v / v.norm()
 
 
