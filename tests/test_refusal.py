@@ -412,6 +412,20 @@ def test_projections_and_cosines(tiny):
     assert torch.allclose(cos, torch.tensor([[1.0, -1, 1], [-1, 1, -1], [1, -1, 1]]), atol=1e-5)
 
 
+def test_corpus_projections_are_the_text_tokens_coordinates(tiny):
+    from helpers.corpus import load_corpus_tokens
+
+    corpus = load_corpus_tokens(tiny, 3, 16, seed=0)
+    direction = torch.randn(tiny.cfg.d_model, generator=torch.Generator().manual_seed(2))
+    proj = R.corpus_projections(tiny, corpus, direction, 1, batch_size=2)  # two chunks
+    _, cache = tiny.run_with_cache(corpus.tokens, attention_mask=corpus.attention_mask)
+    manual = cache["blocks.1.hook_resid_pre"][:, 1:] @ (direction / direction.norm())  # BOS left out
+    torch.testing.assert_close(proj, manual.flatten().float().cpu(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(R.corpus_projections(tiny, corpus, 3 * direction, 1), proj, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="layer must be"):
+        R.corpus_projections(tiny, corpus, direction, tiny.cfg.n_layers)
+
+
 def test_mean_token_loss_is_cross_entropy(tiny):
     from helpers.prompts import tokenize
 

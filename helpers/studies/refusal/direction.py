@@ -659,6 +659,36 @@ def projections(model: Any, instructions: Sequence[str], direction: Float[torch.
     return torch.cat(out)
 
 
+@torch.no_grad()
+def corpus_projections(model: Any, corpus: Any, direction: Float[torch.Tensor, "d_model"], layer: int, *,
+                       batch_size: int = 8) -> Float[torch.Tensor, "token"]:
+    """Coordinate along the unit ``direction`` of ``blocks.{layer}.hook_resid_pre`` at every real token
+    of ``corpus`` (a ``TokenBatch`` of ordinary text) except position 0 (BOS, the attention sink).
+
+    This is what directional ablation removes from ordinary text at that layer (and what ACE replaces
+    by its reference value): a direction that the model leaves near 0 on text costs little to ablate,
+    one that text uses does not."""
+    if not 0 <= layer < model.cfg.n_layers:
+        raise ValueError(f"layer must be in 0..{model.cfg.n_layers - 1}, got {layer}.")
+    unit = direction.float() / direction.float().norm()
+    name = f"blocks.{layer}.hook_resid_pre"
+    out = []
+    for start in range(0, len(corpus), batch_size):
+        chunk = corpus[start:start + batch_size]
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+            captured["resid"] = activation.detach()
+            return activation
+
+        model.run_with_hooks(chunk.tokens, attention_mask=chunk.attention_mask, fwd_hooks=[(name, keep)])
+        coordinate = captured["resid"].float().cpu() @ unit.cpu()  # [batch, pos]
+        mask = chunk.attention_mask.bool().cpu().clone()
+        mask[:, 0] = False
+        out.append(coordinate[mask])
+    return torch.cat(out)
+
+
 def mean_coordinates(candidates: CandidateDirections, position: int,
                      direction: Float[torch.Tensor, "d_model"]) -> dict[str, Float[torch.Tensor, "layer"]]:
     """Per layer, the coordinate of the harmful and the harmless train means (at negative
