@@ -48,9 +48,10 @@ STUDIES = [
          "each with its own key frequencies)"),
     dict(notebook="02_ioi_circuit", study="Indirect object identification circuit",
          paper="Wang et al. 2022", paper_model="GPT-2 small", embedded_model="SmolLM2-135M-Instruct",
-         runtime_embedded="17.2 min (beside one other run, 1 thread; 2026-12-02)", runtime_ci="2.5–3.0 min [≈1] before backup name movers and §4.4",
+         runtime_embedded="17.2 min (beside one other run, 1 thread; 2026-12-02); Gemma-3-270M 15.0 min", runtime_ci="2.5–3.0 min [≈1] before backup name movers and §4.4",
          status="reproduced on the embedded model, incl. backup name movers; the §4.4 control (a sentence repeating S "
-                "keeps the logit difference) does not reproduce"),
+                "keeps the logit difference) does not reproduce; on Gemma-3-270M (`embedded`) the circuit keeps 0.91 of the "
+                "logit difference but its S-inhibition head attends END→S2 only 0.24 and the run stops there"),
     dict(notebook="03_refusal_direction", study="Refusal is mediated by a single direction",
          paper="Arditi et al. 2024 (+ ACE, Marshall et al. 2024)", paper_model="Gemma-2B-it (Qwen-1.8B-chat by one parameter)",
          embedded_model="SmolLM2-135M-Instruct + project LoRA safety tuning (lower half of the blocks)",
@@ -65,7 +66,7 @@ STUDIES = [
                 "(harmless KL 0.28, Wikipedia loss +5.6%: the assertion's 5% limit fails)"),
     dict(notebook="04_entropy_neurons", study="Entropy & token-frequency neurons",
          paper="Stolfo et al. 2024", paper_model="GPT-2 small", embedded_model="SmolLM2-135M-Instruct",
-         runtime_embedded="25.3 min (beside one other run, 1 thread; 2026-12-02)", runtime_ci="0.8–1.1 min [≈1] before the induction/BOS sections",
+         runtime_embedded="22.4 min (beside one other run, 1 thread; 2026-12-02)", runtime_ci="0.8–1.1 min [≈1] before the induction/BOS sections",
          status="reproduced on the embedded model; the induction entropy reduction is 9%, not the paper's 70%"),
     dict(notebook="05_self_repair", study="Self-repair",
          paper="Rushing & Nanda 2024", paper_model="GPT-2 small, Pythia-160M", embedded_model="SmolLM2-135M-Instruct",
@@ -74,9 +75,9 @@ STUDIES = [
          status="reproduced on both embedded models (SmolLM2-135M-Instruct and Gemma-3-270M, `embedded` profile)"),
     dict(notebook="06_activation_patching_best_practices", study="Activation patching best practices",
          paper="Zhang & Nanda 2024", paper_model="GPT-2 small (IOI), GPT-2 XL (facts)",
-         embedded_model="SmolLM2-135M-Instruct", runtime_embedded="31.3 min (shared CPU, 1 thread)",
+         embedded_model="SmolLM2-135M-Instruct", runtime_embedded="31.3 min (shared CPU, 1 thread); Gemma-3-270M 17.4 min",
          runtime_ci="2.2 min [≈1] before the S-inhibition and S2-vs-S1+IO sections; Gemma-3-270M 7.9 min (shared CPU)",
-         status="reproduced on the embedded model and (ci) on Gemma-3-270M, except: GN and STR find the same top "
+         status="reproduced on the embedded model and on Gemma-3-270M (`embedded`), except: GN and STR find the same top "
                 "IOI heads, and sliding windows do not inflate effects (peak ratios 0.96 / 0.93 / 0.81)"),
     dict(notebook="07_sparse_autoencoders", study="Sparse autoencoders: frontier & seed consistency",
          paper="Paulo & Belrose 2025", paper_model="Pythia-160m MLP 6 (blog); Llama-3-8B in the paper",
