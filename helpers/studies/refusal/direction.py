@@ -661,32 +661,22 @@ def projections(model: Any, instructions: Sequence[str], direction: Float[torch.
 
 @torch.no_grad()
 def corpus_projections(model: Any, corpus: Any, direction: Float[torch.Tensor, "d_model"], layer: int, *,
-                       batch_size: int = 8) -> Float[torch.Tensor, "token"]:
+                       batch_size: int | None = None) -> Float[torch.Tensor, "token"]:
     """Coordinate along the unit ``direction`` of ``blocks.{layer}.hook_resid_pre`` at every real token
-    of ``corpus`` (a ``TokenBatch`` of ordinary text) except position 0 (BOS, the attention sink).
+    of ``corpus`` (a ``TokenBatch`` of ordinary text) except each row's first (BOS, the attention sink);
+    the activations come from :func:`helpers.sae.collect_activations` (``batch_size`` rows per forward).
 
     This is what directional ablation removes from ordinary text at that layer (and what ACE replaces
     by its reference value): a direction that the model leaves near 0 on text costs little to ablate,
     one that text uses does not."""
+    from helpers.sae import collect_activations
+
     if not 0 <= layer < model.cfg.n_layers:
         raise ValueError(f"layer must be in 0..{model.cfg.n_layers - 1}, got {layer}.")
-    unit = direction.float() / direction.float().norm()
-    name = f"blocks.{layer}.hook_resid_pre"
-    out = []
-    for start in range(0, len(corpus), batch_size):
-        chunk = corpus[start:start + batch_size]
-        captured: dict[str, torch.Tensor] = {}
-
-        def keep(activation: torch.Tensor, hook: Any) -> torch.Tensor:
-            captured["resid"] = activation.detach()
-            return activation
-
-        model.run_with_hooks(chunk.tokens, attention_mask=chunk.attention_mask, fwd_hooks=[(name, keep)])
-        coordinate = captured["resid"].float().cpu() @ unit.cpu()  # [batch, pos]
-        mask = chunk.attention_mask.bool().cpu().clone()
-        mask[:, 0] = False
-        out.append(coordinate[mask])
-    return torch.cat(out)
+    unit = direction.float().cpu() / direction.float().norm().cpu()
+    activations = collect_activations(model, corpus, f"blocks.{layer}.hook_resid_pre", rows_per_forward=batch_size,
+                                      skip_first=True, progress=False)
+    return activations @ unit
 
 
 def mean_coordinates(candidates: CandidateDirections, position: int,
