@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import pandas as pd
 import pytest
 import torch
 
@@ -541,6 +542,28 @@ def test_induction_ablation_values_by_hand(model):
         assert side == ("above" if second >= first else "below")
     with pytest.raises(ValueError, match="positions"):
         en.induction_ablation_values(clean, neurons, half + 1)
+
+
+def test_per_position_effects_of_several_neurons_equals_one_at_a_time(model):
+    """One shared pass (clean logits formed once per chunk) gives each neuron's frame as its own call does;
+    under a clipped ablation the tokens a neuron leaves alone get exactly zero effect."""
+    half = 6
+    repeated = en.repeated_text(load_corpus_tokens(model, 4, half + 1, seed=2), half)
+    neurons = [PLANTED_ENTROPY, 3, 5]
+    clean = en.run_clean(model, repeated, neurons)
+    values = [float(clean.activation(n)[:, 1:].median()) for n in neurons]
+    sides = ["above", "below", "none"]
+    together = en.per_position_effects_of(model, clean, neurons, values, clip=sides)
+    for neuron, value, side, frame in zip(neurons, values, sides, together):
+        alone = en.per_position_effects(model, clean, neuron, value, clip=side)
+        pd.testing.assert_frame_equal(frame, alone, rtol=1e-5, atol=1e-6)
+    effects = en.mean_ablation_effects(model, clean, neurons[:1], values=values[:1], clip=["above"], token_chunk=5)
+    untouched = clean.activation(neurons[0])[clean.valid] <= values[0]
+    assert 0 < int(untouched.sum()) < untouched.numel()
+    assert bool((effects.entropy_total[0][untouched] == 0).all()) and bool((effects.loss_direct[0][untouched] == 0).all())
+    assert float(effects.entropy_total[0][~untouched].abs().max()) > 0
+    with pytest.raises(ValueError, match="one entry per neuron"):
+        en.per_position_effects_of(model, clean, neurons, values[:2], clip=sides)
 
 
 def test_entropy_ratio_curve_and_largest_reduction_match_full_forward_passes(model):

@@ -759,8 +759,13 @@ def mean_ablation_effects(
     base_kl = clean.kl_unigram[mask] if clean.kl_unigram is not None else None
     centred_resid = readout.center(resid)
     has_bias = bool(bias_logits.abs().max() > 0)
-    for start in tqdm(range(0, resid.shape[0], token_chunk), desc="ablation effects", leave=False):
-        rows = slice(start, start + token_chunk)
+    # A token no neuron moves (δa = 0 for all of them: a clipped ablation leaves the tokens on the other
+    # side of the value alone) keeps its clean logits, so its effects are exactly 0: only the moved
+    # tokens are computed (about half of them under a clipped ablation; the vocabulary-sized work is
+    # all per token).
+    moved = torch.nonzero((delta != 0).any(0)).flatten()
+    for start in tqdm(range(0, len(moved), token_chunk), desc="ablation effects", leave=False):
+        rows = moved[start : start + token_chunk]
         x, s = resid[rows], scale[rows]
         z0 = readout.logits(x, scale=s) - bias_logits  # clean logits without the bias part
         if direction is not None:
@@ -769,39 +774,50 @@ def mean_ablation_effects(
         if post is not None:
             out_logits = (centred_out[rows] * readout.weight) @ readout.W_U  # L(o), shared by every neuron
         for i in range(len(neurons)):
-            d = delta[i, rows]
+            # this neuron's moved tokens in the chunk (all of them for an unclipped ablation)
+            sub = torch.nonzero(delta[i, rows] != 0).flatten()
+            if len(sub) == 0:
+                continue
+            whole = len(sub) == len(rows)
+
+            def pick(t: torch.Tensor) -> torch.Tensor:
+                return t if whole else t[sub]
+
+            here = pick(rows)
+            d, s_i, xc_i, z0_i = delta[i, here], pick(s), pick(xc), pick(z0)
             if post is None:
                 along, rescale = d, None  # δx = δa · w_out
-                new_scale = ((xc + d[:, None] * centred_w[i]).pow(2).mean(-1) + readout.eps).sqrt()
+                new_scale = ((xc_i + d[:, None] * centred_w[i]).pow(2).mean(-1) + readout.eps).sqrt()
             else:  # δx = (r/r' − 1) o + (δa/r') g ⊙ w_out
-                r = mlp_scale[rows]
-                r_new = ((mlp_raw[rows] + d[:, None] * raw_w[i]).pow(2).mean(-1) + post_eps).sqrt()
+                r = mlp_scale[here]
+                r_new = ((mlp_raw[here] + d[:, None] * raw_w[i]).pow(2).mean(-1) + post_eps).sqrt()
                 along, rescale = d / r_new, r / r_new - 1.0
-                shifted = xc + rescale[:, None] * centred_out[rows] + along[:, None] * centred_w[i]
+                shifted = xc_i + rescale[:, None] * centred_out[here] + along[:, None] * centred_w[i]
                 new_scale = (shifted.pow(2).mean(-1) + readout.eps).sqrt()
+                out_logits_i = pick(out_logits)
             for kind, (kh, kl_, kk) in (("total", ("ht", "lt", "kt")), ("direct", ("hd", "ld", "kd"))):
-                divisor = new_scale if kind == "total" else s
+                divisor = new_scale if kind == "total" else s_i
                 if kind == "total":  # (s/s')·z0 + (δa/s')·u + c
-                    logits = (s / new_scale)[:, None] * z0
+                    logits = (s_i / new_scale)[:, None] * z0_i
                     logits.addr_(along / new_scale, direct_logits[i])
                 else:  # z0 + (δa/s)·u + c
-                    logits = z0.clone().addr_(along / s, direct_logits[i])
+                    logits = z0_i.clone().addr_(along / s_i, direct_logits[i])
                 if rescale is not None:
-                    logits.add_((rescale / divisor)[:, None] * out_logits)
+                    logits.addcmul_((rescale / divisor)[:, None], out_logits_i)
                 if has_bias:
                     logits += bias_logits
-                h, loss, kl = _per_token_stats(logits, next_tokens[rows], log_q)
+                h, loss, kl = _per_token_stats(logits, next_tokens[here], log_q)
                 if kind == "total" and direction is not None:  # reset the component along the direction
-                    logits.addr_(clean_along - logits @ direction, direction)
-                    _, loss_f, kl_f = _per_token_stats(logits, next_tokens[rows], log_q)
-                    out["lf"][i, rows] = loss_f - base_loss[rows]
+                    logits.addr_(pick(clean_along) - logits @ direction, direction)
+                    _, loss_f, kl_f = _per_token_stats(logits, next_tokens[here], log_q)
+                    out["lf"][i, here] = loss_f - base_loss[here]
                     if kl_f is not None and base_kl is not None:
-                        out["kf"][i, rows] = kl_f - base_kl[rows]
+                        out["kf"][i, here] = kl_f - base_kl[here]
                 del logits
-                out[kh][i, rows] = h - base_entropy[rows]
-                out[kl_][i, rows] = loss - base_loss[rows]
+                out[kh][i, here] = h - base_entropy[here]
+                out[kl_][i, here] = loss - base_loss[here]
                 if kl is not None and base_kl is not None:
-                    out[kk][i, rows] = kl - base_kl[rows]
+                    out[kk][i, here] = kl - base_kl[here]
     has_kl = log_q is not None and base_kl is not None
     return AblationEffects(
         layer=layer,
@@ -976,34 +992,54 @@ def per_position_effects(
     direct; the mean over sequences of the per-token ratio, as the official code's Fig. 5b curve
     ``entropy_post_ablation/entropy``; ``entropy_ratio_total_min`` is the smallest over sequences).
     Uses every position that has a next token (including BOS's prediction), so positions line up
-    across sequences."""
+    across sequences. For several neurons use :func:`per_position_effects_of` (one pass for all)."""
+    return per_position_effects_of(model, clean, [neuron], [value], clip=[clip])[0]
+
+
+def per_position_effects_of(
+    model: Any,
+    clean: CleanRun,
+    neurons: Sequence[int],
+    values: Sequence[float],
+    *,
+    clip: Sequence[ClipSide] | None = None,
+) -> list[pd.DataFrame]:
+    """:func:`per_position_effects` of each neuron (one ``value`` and ``clip`` side per neuron), from one
+    :func:`mean_ablation_effects` pass: the clean logits of every chunk are formed once for all neurons,
+    which is most of the cost with a large vocabulary (Gemma-3's 262k tokens)."""
+    neurons = [int(n) for n in neurons]
+    if len(values) != len(neurons):
+        raise ValueError(f"values must have one entry per neuron ({len(neurons)}), got {len(values)}.")
     valid_all = torch.ones_like(clean.valid)
     valid_all[:, -1] = False
     everything = CleanRun(**{**clean.__dict__, "valid": valid_all})
-    effects = mean_ablation_effects(model, everything, [neuron], values=[value], clip=[clip])
+    effects = mean_ablation_effects(model, everything, neurons, values=[float(v) for v in values], clip=clip)
     n_seq, n_pos = clean.tokens.shape[0], clean.tokens.shape[1] - 1
     entropy = clean.entropy[:, :-1]
 
     def grid(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(n_seq, n_pos)
 
-    ratio_total = (entropy + grid(effects.entropy_total[0])) / entropy.clamp_min(1e-12)
-    ratio_direct = (entropy + grid(effects.entropy_direct[0])) / entropy.clamp_min(1e-12)
-    return pd.DataFrame(
-        {
-            "position": np.arange(n_pos),
-            "activation": clean.activation(neuron)[:, :-1].mean(0).numpy(),
-            "entropy": entropy.mean(0).numpy(),
-            "loss": clean.loss[:, :-1].mean(0).numpy(),
-            "entropy_change_total": grid(effects.entropy_total[0]).mean(0).numpy(),
-            "entropy_change_direct": grid(effects.entropy_direct[0]).mean(0).numpy(),
-            "loss_change_total": grid(effects.loss_total[0]).mean(0).numpy(),
-            "loss_change_direct": grid(effects.loss_direct[0]).mean(0).numpy(),
-            "entropy_ratio_total": ratio_total.mean(0).numpy(),
-            "entropy_ratio_direct": ratio_direct.mean(0).numpy(),
-            "entropy_ratio_total_min": ratio_total.min(0).values.numpy(),
-        }
-    )
+    frames = []
+    for i, neuron in enumerate(neurons):
+        ratio_total = (entropy + grid(effects.entropy_total[i])) / entropy.clamp_min(1e-12)
+        ratio_direct = (entropy + grid(effects.entropy_direct[i])) / entropy.clamp_min(1e-12)
+        frames.append(pd.DataFrame(
+            {
+                "position": np.arange(n_pos),
+                "activation": clean.activation(neuron)[:, :-1].mean(0).numpy(),
+                "entropy": entropy.mean(0).numpy(),
+                "loss": clean.loss[:, :-1].mean(0).numpy(),
+                "entropy_change_total": grid(effects.entropy_total[i]).mean(0).numpy(),
+                "entropy_change_direct": grid(effects.entropy_direct[i]).mean(0).numpy(),
+                "loss_change_total": grid(effects.loss_total[i]).mean(0).numpy(),
+                "loss_change_direct": grid(effects.loss_direct[i]).mean(0).numpy(),
+                "entropy_ratio_total": ratio_total.mean(0).numpy(),
+                "entropy_ratio_direct": ratio_direct.mean(0).numpy(),
+                "entropy_ratio_total_min": ratio_total.min(0).values.numpy(),
+            }
+        ))
+    return frames
 
 
 def induction_summary(frame: pd.DataFrame, half_length: int) -> pd.DataFrame:
@@ -1057,8 +1093,8 @@ def pick_induction_neuron(
     the clean entropy there) — the role the paper's 11.2378 plays — and a table of all candidates."""
     sides = ["none"] * len(candidates) if clip is None else list(clip)
     rows = []
-    for neuron, value, side in zip(candidates, values, sides):
-        frame = per_position_effects(model, clean, neuron, value, clip=side)
+    frames = per_position_effects_of(model, clean, candidates, values, clip=sides)
+    for neuron, side, frame in zip(candidates, sides, frames):
         summary = induction_summary(frame, half_length)
         rows.append({
             "neuron": neuron,
