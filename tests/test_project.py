@@ -280,3 +280,38 @@ def test_importing_every_helpers_module_emits_no_warning():
     code = "import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules)
     result = subprocess.run([sys.executable, "-W", "error", "-c", code], cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def _safety_recipes_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("safety_recipes", ROOT / "scripts" / "safety_recipes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_safety_recipes_table_is_built_from_every_shipped_evaluation():
+    """helpers/data/refusal/safety_recipes.md is what scripts/safety_recipes.py builds from the shipped
+    helpers/data/refusal/recipes/<name>/ copies (not from build/, which a fresh checkout lacks): every
+    evaluated recipe has its row, so evaluating one recipe cannot drop the others'."""
+    recipes = _safety_recipes_script()
+    assert recipes.SHIPPED == ROOT / "helpers" / "data" / "refusal" / "recipes"
+    committed = recipes.TABLE.read_text()
+    assert committed == recipes.table_text(), "safety_recipes.md is stale: run python scripts/safety_recipes.py --table-only"
+    shipped = sorted(p.parent.name for p in recipes.SHIPPED.glob("*/eval.json"))
+    assert len(shipped) >= 2
+    for name in shipped:
+        assert name in recipes.RECIPES, f"shipped recipe {name} is no longer defined in scripts/safety_recipes.py"
+        assert f"| **{name}**:" in committed, f"evaluated recipe {name} has no row in safety_recipes.md"
+
+
+def test_safety_recipes_table_lists_only_what_the_given_folder_holds(tmp_path):
+    recipes = _safety_recipes_script()
+    one = next(iter(sorted(p.parent.name for p in recipes.SHIPPED.glob("*/eval.json"))))
+    (tmp_path / one).mkdir()
+    for file in recipes.SHIPPED_FILES:
+        (tmp_path / one / file).write_bytes((recipes.SHIPPED / one / file).read_bytes())
+    text = recipes.table_text(tmp_path)
+    assert sum(line.startswith("| **") for line in text.splitlines()) == 1 and f"| **{one}**:" in text
+    assert "not evaluated yet" in text

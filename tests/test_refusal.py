@@ -426,6 +426,31 @@ def test_corpus_projections_are_the_text_tokens_coordinates(tiny):
         R.corpus_projections(tiny, corpus, direction, tiny.cfg.n_layers)
 
 
+def test_candidate_corpus_costs_are_each_candidates_ablation_loss_and_text_coordinate(tiny):
+    from helpers.ablation import direction_ablation_hooks
+    from helpers.corpus import load_corpus_tokens
+
+    corpus = load_corpus_tokens(tiny, 3, 16, seed=0)
+    cands = R.candidate_directions(tiny, HARMFUL, HARMLESS)
+    pairs = [(-1, 1), (cands.positions[0], 2)]
+    costs = R.candidate_corpus_costs(tiny, cands, corpus, pairs)
+    assert list(costs.columns) == ["position", "layer", "loss_increase", "text_mean", "text_sd"]
+    assert [tuple(p) for p in costs[["position", "layer"]].itertuples(index=False)] == pairs
+    clean = R.mean_token_loss(tiny, corpus)
+    for row in costs.itertuples():
+        r = cands.direction(row.position, row.layer)
+        ablated = R.mean_token_loss(tiny, corpus, fwd_hooks=direction_ablation_hooks(tiny, r))
+        assert math.isclose(row.loss_increase, ablated / clean - 1, rel_tol=1e-6, abs_tol=1e-9)
+        coordinate = R.corpus_projections(tiny, corpus, r, row.layer)
+        assert math.isclose(row.text_mean, float(coordinate.mean()), rel_tol=1e-5, abs_tol=1e-6)
+        assert math.isclose(row.text_sd, float(coordinate.std()), rel_tol=1e-5, abs_tol=1e-6)
+    assert float(costs.loss_increase.abs().max()) > 0  # the ablations change the loss: something was compared
+    with pytest.raises(ValueError, match="not candidates"):
+        R.candidate_corpus_costs(tiny, cands, corpus, [(max(cands.positions) + 1, 1)])
+    with pytest.raises(ValueError, match="not candidates"):
+        R.candidate_corpus_costs(tiny, cands, corpus, [(-1, tiny.cfg.n_layers)])
+
+
 def test_mean_token_loss_is_cross_entropy(tiny):
     from helpers.prompts import tokenize
 

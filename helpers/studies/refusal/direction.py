@@ -679,6 +679,48 @@ def corpus_projections(model: Any, corpus: Any, direction: Float[torch.Tensor, "
     return activations @ unit
 
 
+@torch.no_grad()
+def candidate_corpus_costs(model: Any, candidates: CandidateDirections, corpus: Any,
+                           pairs: Iterable[tuple[int, int]]) -> Any:
+    """What ablating each candidate direction costs on ordinary text — a diagnostic beside
+    :func:`select_direction`, never one of its filters (the paper selects on val KL, ablation and
+    steering scores only).
+
+    Args:
+        candidates: the difference-of-means candidates.
+        corpus: a ``TokenBatch`` of ordinary text (:func:`helpers.corpus.load_corpus_tokens`).
+        pairs: the ``(position, layer)`` candidates to measure, e.g. those that
+            ``selection.table`` scored (``kl`` not NaN).
+
+    Returns:
+        A DataFrame, one row per pair: ``position``, ``layer``, ``loss_increase`` (relative corpus
+        loss increase under :func:`helpers.ablation.direction_ablation_hooks` of the candidate,
+        0.05 = +5%), and ``text_mean`` / ``text_sd``, the text tokens' coordinate along the unit
+        candidate at its layer (:func:`corpus_projections`: what the ablation removes there).
+    """
+    import pandas as pd
+
+    from helpers.ablation import direction_ablation_hooks
+
+    pairs = [(int(p), int(l)) for p, l in pairs]
+    unknown = [(p, l) for p, l in pairs if p not in candidates.positions or not 0 <= l < model.cfg.n_layers]
+    if unknown:
+        raise ValueError(f"pairs {unknown} are not candidates: positions must be in {candidates.positions} and layers "
+                         f"in 0..{model.cfg.n_layers - 1}.")
+    clean = mean_token_loss(model, corpus)
+    rows = []
+    for position, layer in tqdm(pairs, desc="corpus cost of each candidate"):
+        r = candidates.direction(position, layer)
+        if float(r.norm()) == 0.0:
+            raise ValueError(f"candidate (position {position}, layer {layer}) is the zero vector: leave it out of pairs "
+                             "(select_direction marks it 'zero direction').")
+        ablated = mean_token_loss(model, corpus, fwd_hooks=direction_ablation_hooks(model, r))
+        coordinate = corpus_projections(model, corpus, r, layer)
+        rows.append({"position": position, "layer": layer, "loss_increase": ablated / clean - 1.0,
+                     "text_mean": float(coordinate.mean()), "text_sd": float(coordinate.std())})
+    return pd.DataFrame(rows, columns=["position", "layer", "loss_increase", "text_mean", "text_sd"])
+
+
 def mean_coordinates(candidates: CandidateDirections, position: int,
                      direction: Float[torch.Tensor, "d_model"]) -> dict[str, Float[torch.Tensor, "layer"]]:
     """Per layer, the coordinate of the harmful and the harmless train means (at negative
