@@ -556,7 +556,9 @@ def test_per_position_effects_of_several_neurons_equals_one_at_a_time(model):
     together = en.per_position_effects_of(model, clean, neurons, values, clip=sides)
     for neuron, value, side, frame in zip(neurons, values, sides, together):
         alone = en.per_position_effects(model, clean, neuron, value, clip=side)
-        pd.testing.assert_frame_equal(frame, alone, rtol=1e-5, atol=1e-6)
+        # Float32 rounding only: the shared pass multiplies other batch shapes (another BLAS kernel on
+        # another CPU; CI saw 2e-5 on a ratio whose clean entropy is small). A wrong token or neuron is O(1).
+        pd.testing.assert_frame_equal(frame, alone, rtol=1e-4, atol=1e-4)
     effects = en.mean_ablation_effects(model, clean, neurons[:1], values=values[:1], clip=["above"], token_chunk=5)
     untouched = clean.activation(neurons[0])[clean.valid] <= values[0]
     assert 0 < int(untouched.sum()) < untouched.numel()
