@@ -161,8 +161,9 @@ def write_results(figures: Path, notebooks: list[Path]) -> Path:
         "Written by `make reproduce` (scripts/reproduce.py) from each notebook's latest run; every number",
         "below comes from that run. Each table names its profile, model, device and seed.",
         "",
-        *([f"These runs used `MI_MODEL={output_subdir()}`; the default model's results are in figures/RESULTS.md.", ""]
-          if output_subdir() else []),
+        # which model's folder this is, not which MI_MODEL is set: a Gemma run rewrites both RESULTS.md files
+        *([f"These runs used `MI_MODEL={figures.name}`; the default model's results are in figures/RESULTS.md.", ""]
+          if figures != base_figures(figures) else []),
         "| notebook | status | profile | wall time | date | git commit | device |",
         "|---|---|---|---|---|---|---|",
     ]

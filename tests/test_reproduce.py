@@ -65,6 +65,7 @@ def _results(folder: Path, notebook: str, model: str, rows: list[tuple[str, str,
 
 def test_results_gain_a_cross_model_table_matched_by_quantity(tmp_path, monkeypatch):
     monkeypatch.setenv("MI_PROFILE", "embedded")
+    monkeypatch.setenv("MI_MODEL", "gemma-3-270m")  # as in the Gemma run, which rewrites both RESULTS.md files
     figures = tmp_path / "figures"
     notebook = Path("05_x.ipynb")
     _results(figures, "05_x", "SmolLM2-135M-Instruct",
@@ -80,10 +81,12 @@ def test_results_gain_a_cross_model_table_matched_by_quantity(tmp_path, monkeypa
     assert "| LN share | 0.32 | 0.22 | 0.41 | from the arrays |" in base_text  # one note shared by both: once
     assert "| only smol | 1 | 3 | – |" in base_text and "| only gemma | – | – | 7 |" in base_text
     assert "assertion failed: AssertionError: no self-repair" in base_text
+    assert "These runs used `MI_MODEL=" not in base_text  # the default model's file says nothing of the kind
     # the other model's own RESULTS.md lists its table under the failure, and has no cross-model table
     other_text = reproduce.write_results(figures / "gemma-3-270m", [notebook]).read_text()
     assert "**The run stopped with:** `AssertionError: no self-repair`" in other_text
     assert "across models" not in other_text
+    assert "These runs used `MI_MODEL=gemma-3-270m`" in other_text
 
 
 def test_no_cross_model_table_for_one_model(tmp_path, monkeypatch):
