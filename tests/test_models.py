@@ -113,20 +113,37 @@ def test_embedded_model_answers_a_simple_chat_question(embedded_model):
 
 @pytest.mark.embedded
 @pytest.mark.slow
-def test_dequantised_weights_are_cached_and_reload_identically(monkeypatch, tmp_path, embedded_model):
+def test_dequantised_weights_are_cached_reload_identically_and_a_truncated_cache_is_rebuilt(monkeypatch, tmp_path,
+                                                                                           embedded_model):
+    """One dequantisation serves both checks (each costs ~40 s on 2 cores): the cache it writes reloads
+    bit for bit without touching the GGUF; truncated, it is rebuilt from the GGUF with a warning."""
     monkeypatch.setenv("MI_CACHE_DIR", str(tmp_path))
     first = load_model("embedded", device="cpu")  # dequantises from the GGUF and writes the cache
-    assert (models._embedded_cache_path() / "model.safetensors").is_file()
+    folder = models._embedded_cache_path()
+    weights = folder / "model.safetensors"
+    assert weights.is_file()
+    tokens = tokenize(first, "The quick brown fox").tokens
 
     def no_dequantising(*args, **kwargs):
         raise AssertionError("the second load must come from the float32 cache, not the GGUF")
 
-    monkeypatch.setattr(models, "embedded_gguf_path", no_dequantising)
-    second = load_model("embedded", device="cpu")
-    tokens = tokenize(first, "The quick brown fox").tokens
+    with monkeypatch.context() as patched:
+        patched.setattr(models, "embedded_gguf_path", no_dequantising)
+        second = load_model("embedded", device="cpu")
     with torch.no_grad():
         assert torch.equal(first(tokens), second(tokens))
         assert torch.equal(first(tokens), embedded_model(tokens))
+
+    size = weights.stat().st_size
+    with open(weights, "r+b") as handle:
+        handle.truncate(size - 4096)
+    with pytest.warns(CacheRebuildWarning) as record:
+        rebuilt = load_model("embedded", device="cpu")
+    message = str(record[0].message)
+    assert str(folder) in message and f"model.safetensors has {size - 4096:,} bytes" in message
+    assert weights.stat().st_size == size and models.cache_problems(folder, source=models._embedded_source()) == []
+    with torch.no_grad():
+        assert torch.equal(rebuilt(tokens), embedded_model(tokens))
 
 
 def test_loading_local_models_leaves_the_offline_flag_as_it_was(monkeypatch):
@@ -347,26 +364,6 @@ def test_rebuild_warning_survives_load_models_quiet_loading(monkeypatch, tmp_pat
     monkeypatch.setattr(models, "embedded_gguf_path", no_gguf)
     with pytest.warns(CacheRebuildWarning, match="older version"), pytest.raises(_Dequantising):
         load_model("embedded", device="cpu")
-
-
-@pytest.mark.embedded
-@pytest.mark.slow
-def test_truncated_smollm2_cache_is_rebuilt_with_a_warning(monkeypatch, tmp_path, embedded_model):
-    monkeypatch.setenv("MI_CACHE_DIR", str(tmp_path))
-    load_model("embedded", device="cpu")  # writes the cache in tmp_path
-    folder = models._embedded_cache_path()
-    weights = folder / "model.safetensors"
-    size = weights.stat().st_size
-    with open(weights, "r+b") as handle:
-        handle.truncate(size - 4096)
-    with pytest.warns(CacheRebuildWarning) as record:
-        rebuilt = load_model("embedded", device="cpu")
-    message = str(record[0].message)
-    assert str(folder) in message and f"model.safetensors has {size - 4096:,} bytes" in message
-    assert weights.stat().st_size == size and models.cache_problems(folder, source=models._embedded_source()) == []
-    tokens = tokenize(rebuilt, "The quick brown fox").tokens
-    with torch.no_grad():
-        assert torch.equal(rebuilt(tokens), embedded_model(tokens))
 
 
 @pytest.mark.embedded

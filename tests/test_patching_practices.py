@@ -425,10 +425,18 @@ def test_attention_to_key_matches_patterns_computed_from_queries_and_keys(tiny_g
 def test_noise_is_sized_on_the_embeddings_that_enter_the_model(tiny_model):
     """ν is 3 × the std of hook_embed's output over the vocabulary: std(W_E) for GPT-2 / Llama layouts,
     √d_model × that for Gemma's scaled embeddings (the noise must be as large as what it corrupts)."""
+    from helpers.effects import StopForward
+
     rows = []
+
+    def grab(activation, hook):
+        rows.append(activation.detach().double())
+        raise StopForward  # the reference needs only hook_embed (the full model made this test ~25 s per model)
+
     for start in range(0, tiny_model.cfg.d_vocab, 4096):  # every token once, as its own 1-token prompt
         ids = torch.arange(start, min(start + 4096, tiny_model.cfg.d_vocab))[:, None]
-        tiny_model.run_with_hooks(ids, fwd_hooks=[("hook_embed", lambda a, hook: rows.append(a.detach().double()))])
+        with pytest.raises(StopForward):
+            tiny_model.run_with_hooks(ids, fwd_hooks=[("hook_embed", grab)])
     expected = 3.0 * float(torch.cat(rows).std())
     assert pp.embedding_noise_std(tiny_model) == pytest.approx(expected, rel=1e-6)
     assert pp.embedding_noise_std(tiny_model, chunk=1000) == pytest.approx(expected, rel=1e-6)  # chunking is exact
