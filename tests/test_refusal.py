@@ -386,6 +386,27 @@ def test_select_direction_filters_match_a_naive_recomputation(tiny):
     assert (sel.position, sel.layer) == (min(passing, key=lambda p: passing[p][0]), layer)
 
 
+def test_prompt_logits_from_generation_equal_last_logits(tiny):
+    """evaluate_condition reads the refusal score from generation's first forward pass; that must be the
+    prompts' next-token logits as last_logits computes them, hooks included, with or without the KV cache."""
+    from helpers.ablation import activation_addition_hooks
+
+    direction = torch.randn(tiny.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    prompts = HARMFUL + HARMLESS  # several batches at batch_size=3, padded to different lengths
+    for hooks in ([], activation_addition_hooks(tiny, 3 * direction, 1)):
+        expected = R.last_logits(tiny, prompts, fwd_hooks=hooks)
+        for kv in (True, False):
+            got: list[torch.Tensor] = []
+            R.generate_completions(tiny, prompts, max_new_tokens=3, fwd_hooks=hooks, batch_size=3, use_kv_cache=kv,
+                                   prompt_logits=got)
+            assert len(got) == -(-len(prompts) // 3)
+            torch.testing.assert_close(torch.cat(got), expected, rtol=1e-4, atol=1e-4)
+        condition = R.evaluate_condition(tiny, "check", prompts, fwd_hooks=hooks, max_new_tokens=3, batch_size=3)
+        assert condition.scores == pytest.approx(R.refusal_scores(expected, R.refusal_token_ids(tiny)).tolist(),
+                                                 rel=1e-4, abs=1e-4)
+    assert not torch.allclose(R.last_logits(tiny, prompts), expected)  # the hooks act on what is read
+
+
 def test_kv_cache_generation_matches_plain_greedy_with_hooks(tiny):
     from helpers.ablation import activation_addition_hooks, direction_ablation_hooks
 

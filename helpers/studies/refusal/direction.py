@@ -479,16 +479,25 @@ def select_direction(model: Any, candidates: CandidateDirections, harmful_val: S
 # --------------------------------------------------------------------------------------------------
 
 
+UNEMBED_HOOK = "unembed.hook_out"
+"""The bridge's logits hook: :func:`generate_completions` reads the prompt's next-token logits there."""
+
+
 @torch.no_grad()
 def generate_completions(model: Any, instructions: Sequence[str], *, max_new_tokens: int = 32,
                          fwd_hooks: Sequence[tuple[str, Callable]] = (), batch_size: int = 16,
-                         use_kv_cache: bool = True, desc: str = "generating") -> list[str]:
+                         use_kv_cache: bool = True, desc: str = "generating",
+                         prompt_logits: list[torch.Tensor] | None = None) -> list[str]:
     """Greedy completions of ``instructions`` (as chat prompts), with ``fwd_hooks`` active throughout.
 
     ``use_kv_cache=True`` uses the bridge's ``generate`` with its KV cache (hooks then see the new
     token's activations at each step; the interventions here act position by position, so the result
     is the same as recomputing the whole sequence — checked against
     :func:`helpers.prompts.generate_greedy` in the tests). ``False`` calls ``generate_greedy``.
+
+    ``prompt_logits``: a list that receives, per batch, the next-token logits at each prompt's last
+    position from generation's first forward pass (``[batch, d_vocab]``, float32, CPU) — what
+    :func:`last_logits` computes, without a second pass over the prompts.
     """
     from helpers.prompts import generate_greedy
 
@@ -497,16 +506,30 @@ def generate_completions(model: Any, instructions: Sequence[str], *, max_new_tok
     completions: list[str] = []
     for start in tqdm(range(0, len(instructions), batch_size), desc=desc, leave=False):
         batch = chat_batch(model, instructions[start:start + batch_size])
+        hooks = list(fwd_hooks)
+        if prompt_logits is not None:
+            seen: list[torch.Tensor] = []
+
+            def keep_first(logits: torch.Tensor, hook: Any) -> None:
+                if not seen:  # the first forward reads the whole prompt; later ones one new token each
+                    seen.append(logits[:, -1].detach().float().cpu())
+
+            hooks.append((UNEMBED_HOOK, keep_first))
         if not use_kv_cache:
-            completions += generate_greedy(model, batch, max_new_tokens=max_new_tokens, fwd_hooks=fwd_hooks)
-            continue
-        with model.hooks(fwd_hooks=list(fwd_hooks)):
-            out = model.generate(batch.tokens, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, use_past_kv_cache=True, return_type="tokens", verbose=False,
-                                 stop_at_eos=True)
-        for row in out[:, batch.tokens.shape[1]:].tolist():
-            cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
-            completions.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+            completions += generate_greedy(model, batch, max_new_tokens=max_new_tokens, fwd_hooks=hooks)
+        else:
+            with model.hooks(fwd_hooks=hooks):
+                out = model.generate(batch.tokens, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+                                     do_sample=False, use_past_kv_cache=True, return_type="tokens", verbose=False,
+                                     stop_at_eos=True)
+            for row in out[:, batch.tokens.shape[1]:].tolist():
+                cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
+                completions.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+        if prompt_logits is not None:
+            if len(seen) != 1 or seen[0].shape[0] != batch.tokens.shape[0]:
+                raise RuntimeError(f"generation's first forward pass did not reach {UNEMBED_HOOK!r} with the whole "
+                                   "batch; call last_logits for the prompt logits instead.")
+            prompt_logits.append(seen[0])
     return completions
 
 
@@ -530,11 +553,14 @@ class ConditionResult:
 def evaluate_condition(model: Any, name: str, instructions: Sequence[str], *,
                        fwd_hooks: Sequence[tuple[str, Callable]] = (), max_new_tokens: int = 32,
                        batch_size: int = 16) -> ConditionResult:
-    """Greedy completions, refusal rate (substring matching) and mean refusal score, under ``fwd_hooks``."""
+    """Greedy completions, refusal rate (substring matching) and mean refusal score, under ``fwd_hooks``.
+
+    The refusal score is read from generation's first forward pass (the prompts' next-token logits),
+    so each prompt runs through the model once."""
+    prompt_logits: list[torch.Tensor] = []
     completions = generate_completions(model, instructions, max_new_tokens=max_new_tokens, fwd_hooks=fwd_hooks,
-                                       batch_size=batch_size, desc=name)
-    scores = refusal_scores(last_logits(model, instructions, fwd_hooks=fwd_hooks, batch_size=batch_size),
-                            refusal_token_ids(model))
+                                       batch_size=batch_size, desc=name, prompt_logits=prompt_logits)
+    scores = refusal_scores(torch.cat(prompt_logits), refusal_token_ids(model))
     return ConditionResult(name, list(instructions), completions, refusal_rate(completions), scores.mean().item(),
                            scores.tolist())
 
