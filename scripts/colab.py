@@ -55,7 +55,7 @@ STUDIES = [
     dict(notebook="03_refusal_direction", study="Refusal is mediated by a single direction",
          paper="Arditi et al. 2024 (+ ACE, Marshall et al. 2024)", paper_model="Gemma-2B-it (Qwen-1.8B-chat by one parameter)",
          embedded_model="SmolLM2-135M-Instruct + project LoRA safety tuning (lower half of the blocks)",
-         runtime_embedded="66.0 min (beside three other jobs, 1 thread; 2026-12-02)",
+         runtime_embedded="34.1 min (2 threads, alone; 2026-12-03)",
          runtime_ci="9.9 min alone, 1 thread (2026-12-03; 14.4 min in `make test` before its ci sizes shrank)",
          status="partly reproduced on the safety-tuned embedded model; the embedded run fails the notebook's loss "
                 "check. Embedded run (50 test + 35 style-shift prompts per side, 48 HarmBench behaviours): tuned "
