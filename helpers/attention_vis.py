@@ -27,7 +27,6 @@ or, with patterns you already have (``[head, query, key]`` for one prompt)::
 
 from __future__ import annotations
 
-import html
 import math
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -37,7 +36,7 @@ import torch
 from jaxtyping import Float
 from plotly.subplots import make_subplots
 
-from helpers.plotting import figures_dir, show
+from helpers.plotting import save_html_page, show
 from helpers.prompts import TokenBatch
 
 Interactive = Literal["file", "cdn", "inline", "none"]
@@ -159,15 +158,7 @@ def save_circuitsvis(
     """Write the circuitsvis view as a standalone offline HTML page ``<figures>/<name>.circuitsvis.html``."""
     if not name or name.startswith("/") or ".." in Path(name).parts:
         raise ValueError(f"name must be relative like '02_ioi_circuit/name_movers', got {name!r}.")
-    body = circuitsvis_html(patterns, tokens, head_labels, cdn=False)
-    page = (
-        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>"
-        f"{html.escape(title)}</title></head>\n<body>\n<h3>{html.escape(title)}</h3>\n{body}\n</body></html>\n"
-    )
-    path = figures_dir() / f"{name}.circuitsvis.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path
+    return save_html_page(circuitsvis_html(patterns, tokens, head_labels, cdn=False), f"{name}.circuitsvis", title=title)
 
 
 def show_attention(

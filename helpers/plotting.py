@@ -271,3 +271,22 @@ def save_figure(fig: go.Figure, name: str, *, png: bytes | None = None) -> list[
         png_path.write_bytes(png)
         written.append(png_path)
     return written
+
+
+def save_html_page(body: str, name: str, *, title: str) -> Path:
+    """Write an HTML fragment (a circuitsvis view, say) as a standalone page ``<figures>/<name>.html``.
+
+    ``name`` is relative like :func:`save_figure`'s (``"07_sparse_autoencoders/latent_tokens.circuitsvis"``).
+    """
+    import html
+
+    if not name or name.startswith("/") or ".." in Path(name).parts:
+        raise ValueError(f"save_html_page(name=...) expects a relative name like '02_ioi/name_movers', got {name!r}.")
+    page = (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>"
+        f"{html.escape(title)}</title></head>\n<body>\n<h3>{html.escape(title)}</h3>\n{body}\n</body></html>\n"
+    )
+    path = figures_dir() / f"{name}.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path

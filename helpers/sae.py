@@ -68,7 +68,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import einops
 import torch
@@ -107,6 +107,8 @@ __all__ = [
     "top_activating_contexts",
     "decoder_logit_effects",
     "steering_hook",
+    "latent_span",
+    "show_latent_tokens",
 ]
 
 WEIGHTS_FILE = "sae.safetensors"
@@ -919,3 +921,64 @@ def steering_hook(direction: Float[Tensor, "d"], scale: float):
         return activation + scale * direction.to(device=activation.device, dtype=activation.dtype)
 
     return hook
+
+
+def latent_span(batch: "TokenBatch", positions: Int[Tensor, "n_tokens 2"], activations: Float[Tensor, "n_tokens n_latents"],
+                latents: Sequence[int], *, span: int = 48) -> dict[str, Any]:
+    """The stretch of ``span`` tokens of one row of ``batch`` where the most of ``latents`` fire strongly.
+
+    Each latent's values are divided by its largest value on all of ``positions`` (so every latent counts
+    alike); a stretch scores the sum over ``latents`` of their largest scaled value inside it, and the best
+    stretch over every row and start wins (ties: the earliest). Returns ``row``, ``start``, ``token_ids``
+    (the stretch's ``span`` tokens, or the whole row when shorter), ``values`` ``[span, len(latents)]``,
+    the latents' raw activations there (0 on tokens :func:`token_positions` leaves out, such as BOS and
+    padding), and ``peak`` ``[len(latents)]``, each latent's largest value on all of ``positions``. The text
+    to draw for :func:`show_latent_tokens`.
+    """
+    latents = [int(i) for i in latents]
+    if activations.ndim != 2 or activations.shape[0] != positions.shape[0]:
+        raise ValueError(f"activations must be [n_tokens, n_latents] with one row per row of positions "
+                         f"({positions.shape[0]}), got shape {tuple(activations.shape)}.")
+    if not latents or not all(0 <= i < activations.shape[1] for i in latents):
+        raise ValueError(f"latents must be a non-empty list of indices below {activations.shape[1]}, got {latents!r}.")
+    _check_positive_int("span", span)
+    rows, length = batch.tokens.shape
+    span = min(span, length)
+    chosen = activations[:, latents].float().cpu()
+    dense = torch.zeros(rows, length, len(latents))
+    dense[positions[:, 0], positions[:, 1]] = chosen
+    peak = chosen.max(dim=0).values.clamp_min(1e-12)
+    windows = (dense / peak).clamp_min(0).unfold(1, span, 1)  # [row, start, latent, span]
+    score = windows.max(dim=-1).values.sum(dim=-1)  # [row, start]
+    best = int(score.flatten().argmax())
+    row, start = divmod(best, score.shape[1])
+    return {"row": row, "start": start, "token_ids": batch.tokens[row, start:start + span].cpu().tolist(),
+            "values": dense[row, start:start + span], "peak": peak}
+
+
+def show_latent_tokens(tokenizer: object, span: dict[str, Any], latents: Sequence[int], *, name: str | None = None,
+                       title: str = "Latent activations on one held-out text") -> Path | None:
+    """Draw a :func:`latent_span`: a static heatmap (one row per latent, one column per token, coloured by the
+    fraction of the latent's largest activation so that weak latents stay visible; plotly JSON + PNG through
+    :func:`helpers.plotting.show`) and, with ``name``, circuitsvis' interactive token view
+    (``colored_tokens_multi``: click a latent to colour the text by it, hover a token for every latent's value)
+    as an offline page ``<figures>/<name>.circuitsvis.html``, whose path is returned."""
+    import circuitsvis as cv
+
+    from helpers.plotting import heatmap, save_html_page, show
+
+    labels = [f"latent {int(i)}" for i in latents]
+    values = span["values"]
+    if values.shape != (len(span["token_ids"]), len(labels)):
+        raise ValueError(f"span['values'] has shape {tuple(values.shape)}, expected [{len(span['token_ids'])}, "
+                         f"{len(labels)}]: pass the latents the span was made for.")
+    tokens = [tokenizer.decode([t]) for t in span["token_ids"]]
+    ticks = [f"{i}:{t!r}"[:18] for i, t in enumerate(tokens)]
+    fig = heatmap((values / span["peak"]).T, title=title, x_label="token", y_label="latent", x_ticks=ticks,
+                  y_ticks=labels, colorbar_title="÷ latent's max", signed=False)
+    fig.update_layout(width=max(700, 22 * len(tokens)), height=200 + 40 * len(labels))
+    show(fig, name)
+    if name is None:
+        return None
+    body = cv.tokens.colored_tokens_multi(tokens, values, labels).local_src
+    return save_html_page(body, f"{name}.circuitsvis", title=title)

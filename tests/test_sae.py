@@ -518,3 +518,52 @@ def test_steering_hook_adds_the_scaled_direction_everywhere(tiny_llama):
                                rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="1-D"):
         steering_hook(direction[None], 1.0)
+
+
+def test_latent_span_finds_the_stretch_where_the_latents_fire_and_keeps_raw_values(tiny_llama):
+    from helpers.prompts import tokenize
+    from helpers.sae import latent_span, token_positions
+
+    batch = tokenize(tiny_llama, MODEL_TEXTS)
+    positions = token_positions(batch)
+    values = torch.zeros(positions.shape[0], 5)
+    # latent 1 peaks at row 2 position 4, latent 3 fires at rows 2 (position 6) and 0 (position 2, larger);
+    # only a stretch of row 2 holds both, and latent 1's scaled peak (1.0) outweighs latent 3's row-0 peak
+    index = {tuple(p): i for i, p in enumerate(positions.tolist())}
+    values[index[(2, 4)], 1] = 8.0
+    values[index[(2, 6)], 3] = 1.0
+    values[index[(0, 2)], 3] = 3.0
+    got = latent_span(batch, positions, values, [1, 3], span=4)
+    assert got["row"] == 2 and got["start"] == 3  # earliest start whose 4 tokens cover positions 4 and 6
+    assert got["token_ids"] == batch.tokens[2, 3:7].tolist()
+    assert got["values"].shape == (4, 2)
+    torch.testing.assert_close(got["values"][:, 0], torch.tensor([0.0, 8.0, 0.0, 0.0]))
+    torch.testing.assert_close(got["values"][:, 1], torch.tensor([0.0, 0.0, 0.0, 1.0]))
+    torch.testing.assert_close(got["peak"], torch.tensor([8.0, 3.0]))
+    whole = latent_span(batch, positions, values, [3], span=500)  # longer than a row: the whole row
+    assert whole["row"] == 0 and whole["start"] == 0 and len(whole["token_ids"]) == batch.tokens.shape[1]
+    assert float(whole["values"][0, 0]) == 0.0  # BOS is never a position: its value stays 0
+    with pytest.raises(ValueError, match="latents must be"):
+        latent_span(batch, positions, values, [5])
+    with pytest.raises(ValueError, match="one row per row of positions"):
+        latent_span(batch, positions, values[:-1], [1])
+
+
+def test_show_latent_tokens_draws_a_heatmap_and_writes_the_circuitsvis_page(tiny_llama, tmp_path, monkeypatch):
+    from helpers.prompts import tokenize
+    from helpers.sae import latent_span, show_latent_tokens, token_positions
+
+    monkeypatch.setenv("MI_FIGURES_DIR", str(tmp_path))
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda obj, raw=False, **kw: shown.append(obj))
+    batch = tokenize(tiny_llama, MODEL_TEXTS)
+    positions = token_positions(batch)
+    values = torch.rand(positions.shape[0], 4, generator=torch.Generator().manual_seed(0))
+    span = latent_span(batch, positions, values, [0, 2], span=5)
+    path = show_latent_tokens(tiny_llama.tokenizer, span, [0, 2], name="test/latents")
+    assert path == tmp_path / "test" / "latents.circuitsvis.html" and path.stat().st_size > 100_000
+    figure = shown[0]["application/vnd.plotly.v1+json"]
+    assert list(figure["data"][0]["y"]) == ["latent 0", "latent 2"] and len(figure["data"][0]["x"]) == 5  # latents × tokens
+    assert (tmp_path / "test" / "latents.html").is_file()
+    with pytest.raises(ValueError, match="expected"):
+        show_latent_tokens(tiny_llama.tokenizer, span, [0, 2, 3])
