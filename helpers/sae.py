@@ -59,6 +59,14 @@ A directory with ``sae.safetensors`` (``encoder.weight [n_latents, d_in]``, ``en
 ``W_dec``, ``b_dec`` — the layout ``sparsify`` uses) and ``cfg.json`` (``sparsify``'s keys ``d_in``,
 ``num_latents``, ``k``, ``activation``, ``normalize_decoder``, … plus every :class:`SAEConfig` field).
 :func:`load_sae` also reads a directory ``sparsify`` saved (a TopK SAE).
+
+On a model (the bridge)
+-----------------------
+:func:`collect_activations` caches a site's activations over a batch (:func:`token_positions` says which
+``(row, position)`` each row came from); :func:`spliced_loss` runs the model with an SAE's reconstruction in
+their place. Reading one latent: :func:`top_activating_contexts`, :func:`decoder_logit_effects` (its decoder
+row read through the unembedding), :func:`steering_hook`, and :func:`latent_span` + :func:`show_latent_tokens`
+(one text coloured by several latents: a static heatmap and circuitsvis' interactive token view).
 """
 
 from __future__ import annotations
