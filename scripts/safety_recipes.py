@@ -149,7 +149,8 @@ def table_text(folder: Path = SHIPPED) -> str:
               "", "A recipe whose evaluation shows only the selection was evaluated before the selection could fall back "
               "to the lowest-KL candidate; it stopped there. Training times were measured with another job on the "
               "second core (the cw3 and full-down recipes with several; gen300 beside two other jobs, whose 6 min of request sampling "
-              "and 2.5 min of answering are outside the training time)."]
+              "and 2.5 min of answering are outside the training time; all-qvd-r8-lr2-hw3 and half-mlp-r16-lr2-hw3 beside "
+              "each other, each with 1 thread, as were their evaluations)."]
     return "\n".join(lines) + "\n"
 
 
