@@ -6,6 +6,14 @@ activations, match their latents one-to-one, and count how many latents have a c
 other SAE. No model is needed here — everything takes an ``[n_tokens, d_in]`` activation tensor (cache
 it with the rest of the toolkit first).
 
+Why a trainer of our own rather than EleutherAI's ``sparsify`` (which installs beside this stack): the
+study compares TopK SAEs with ReLU + L1 ones, and ``sparsify``'s ``SparseCoderConfig.activation`` offers
+only ``"topk"`` and ``"groupmax"`` (EleutherAI/sparsify source); its trainer also streams activations from
+a Hugging Face model over a dataset rather than from a cached tensor. One small trainer for both kinds keeps
+the comparison like for like (same data order, optimiser, decoder normalisation and AuxK). The files it
+writes follow ``sparsify``'s layout (tensor names and ``cfg.json`` keys); loading them with ``sparsify`` itself
+is not tested here, where ``sparsify`` is not installed.
+
 The SAE (:class:`SparseAutoencoder`)
 ------------------------------------
 Parameters ``W_enc [d_in, n_latents]``, ``b_enc [n_latents]``, ``W_dec [n_latents, d_in]``,
