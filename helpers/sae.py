@@ -11,8 +11,10 @@ study compares TopK SAEs with ReLU + L1 ones, and ``sparsify``'s ``SparseCoderCo
 only ``"topk"`` and ``"groupmax"`` (EleutherAI/sparsify source); its trainer also streams activations from
 a Hugging Face model over a dataset rather than from a cached tensor. One small trainer for both kinds keeps
 the comparison like for like (same data order, optimiser, decoder normalisation and AuxK). The files it
-writes follow ``sparsify``'s layout (tensor names and ``cfg.json`` keys); loading them with ``sparsify`` itself
-is not tested here, where ``sparsify`` is not installed.
+writes follow ``sparsify``'s layout (tensor names and ``cfg.json`` keys): ``sparsify``'s own
+``SparseCoder.load_from_disk`` reads a TopK one and computes the same latents and reconstruction
+(``tests/test_sparse_autoencoders.py``; it runs where ``sparsify`` is installed — not a dependency — and
+passed with eai-sparsify 1.3.3 on 2026-12-04).
 
 The SAE (:class:`SparseAutoencoder`)
 ------------------------------------

@@ -142,3 +142,21 @@ def test_chance_similarity_is_low_for_random_and_one_for_a_copy():
     chance = S.chance_similarity(sae)
     assert 0 < chance < 0.5
     assert S.chance_similarity(sae, seed=0) == pytest.approx(1.0)  # seed 0 rebuilds the same initial SAE
+
+
+def test_sparsify_loads_the_shipped_sae_and_computes_the_same():
+    """The files follow EleutherAI sparsify's layout: sparsify itself (not a dependency; runs where it is installed,
+    e.g. ``pip install --no-deps eai-sparsify==1.3.3 natsort simple-parsing``) reads them and reconstructs alike."""
+    sparsify = pytest.importorskip("sparsify")
+    if not (S.SHIPPED_SAE_DIR / "cfg.json").is_file():
+        pytest.skip("no shipped SAE (make sae-checkpoint)")
+    ours, _, _ = S.load_shipped_sae()
+    theirs = sparsify.SparseCoder.load_from_disk(S.SHIPPED_SAE_DIR).float()  # float16 files; compare in float32 as ours runs
+    assert (theirs.d_in, theirs.num_latents, theirs.cfg.k) == (ours.d_in, ours.n_latents, ours.config.k)
+    x = torch.randn(32, ours.d_in, generator=torch.Generator().manual_seed(0)) * 5
+    with torch.no_grad():
+        mine, out = ours(x), theirs(x)
+    dense = torch.zeros_like(mine.latents).scatter_(1, out.latent_indices.long(), out.latent_acts.float())
+    scale = float(mine.reconstruction.abs().max())
+    torch.testing.assert_close(out.sae_out, mine.reconstruction, rtol=1e-4, atol=1e-4 * scale)
+    torch.testing.assert_close(dense, mine.latents, rtol=1e-4, atol=1e-4 * float(mine.latents.abs().max()))
