@@ -146,7 +146,8 @@ def test_chance_similarity_is_low_for_random_and_one_for_a_copy():
 
 def test_sparsify_loads_the_shipped_sae_and_computes_the_same():
     """The files follow EleutherAI sparsify's layout: sparsify itself (not a dependency; runs where it is installed,
-    e.g. ``pip install --no-deps eai-sparsify==1.3.3 natsort simple-parsing``) reads them and reconstructs alike."""
+    e.g. ``pip install --no-deps eai-sparsify==1.3.3 natsort simple-parsing docstring-parser schedulefree``) reads
+    them and reconstructs alike."""
     sparsify = pytest.importorskip("sparsify")
     if not (S.SHIPPED_SAE_DIR / "cfg.json").is_file():
         pytest.skip("no shipped SAE (make sae-checkpoint)")
