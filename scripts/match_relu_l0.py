@@ -27,7 +27,7 @@ from helpers.studies.sparse_autoencoders import corpus_windows, sae_grid  # noqa
 
 # the notebook's sizes per profile (notebooks/07_sparse_autoencoders.ipynb, "Parameters")
 SIZES = {
-    "embedded": dict(n_train=1960, n_eval=32, expansion=4, batch_size=256, epochs=1),
+    "embedded": dict(n_train=1961, n_eval=32, expansion=4, batch_size=256, epochs=1),
     "ci": dict(n_train=48, n_eval=8, expansion=2, batch_size=128, epochs=4),
 }
 SEQ_LEN, SEED_K = 256, 32
