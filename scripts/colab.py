@@ -84,12 +84,12 @@ STUDIES = [
     dict(notebook="07_sparse_autoencoders", study="Sparse autoencoders: frontier & seed consistency",
          paper="Paulo & Belrose 2025", paper_model="Pythia-160m MLP 6 (blog); Llama-3-8B in the paper",
          embedded_model="SmolLM2-135M-Instruct, MLP 15",
-         runtime_embedded="31.2 min (2 threads, alone; 2026-12-04)",
+         runtime_embedded="33.5 min (2 threads, alone; 2026-12-04)",
          runtime_ci="3.1 min (2 threads, alone; 2026-12-04)",
          status="partly reproduced (embedded, 500k tokens, 2,304 latents): seeds share clearly fewer than all latents "
-                "(0.7% by the strict rule, 4.1% by the decoder alone; matched cosine 0.26 vs 0.14 for an untrained SAE) "
-                "and fewer at the larger size (4.0% at 1,152); not reproduced: ReLU + L1 more stable than TopK at matched "
-                "sparsity (λ 0.005, L0 33: 0.0% strict, 5.8% decoder alone, matched cosine 0.15)"),
+                "(0.8% by the strict rule, 4.3% by the decoder alone; matched cosine 0.26 vs 0.14 for an untrained SAE) "
+                "and fewer at the larger size (4.1% at 1,152); not reproduced: ReLU + L1 more stable than TopK at matched "
+                "sparsity (λ 0.005, L0 34: 0.0% strict, 5.9% decoder alone, matched cosine 0.15)"),
 ]
 
 
