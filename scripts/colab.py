@@ -55,15 +55,15 @@ STUDIES = [
     dict(notebook="03_refusal_direction", study="Refusal is mediated by a single direction",
          paper="Arditi et al. 2024 (+ ACE, Marshall et al. 2024)", paper_model="Gemma-2B-it (Qwen-1.8B-chat by one parameter)",
          embedded_model="SmolLM2-135M-Instruct + project LoRA safety tuning (lower half of the blocks)",
-         runtime_embedded="34.1 min (2 threads, alone; 2026-12-03)",
-         runtime_ci="9.9 min alone, 1 thread (2026-12-03; 14.4 min in `make test` before its ci sizes shrank)",
-         status="partly reproduced on the safety-tuned embedded model; the embedded run fails the notebook's loss "
-                "check. Embedded run (50 test + 35 style-shift prompts per side, 48 HarmBench behaviours): tuned "
-                "harmful refusal 0.90 / 0.94 / 0.48; ablating r leaves 0.04 / 0.03 / 0.02, ACE 0.02 / 0.00 / 0.04; "
-                "adding r makes harmless prompts refuse 0.14 → 0.74 (test), 0.60 → 0.91 (style-shift). Not "
-                "reproduced: the KL ≤ 0.1 filter (no candidate passes; chosen 0.278), low over-refusal (0.14 test, "
-                "of which contrast requests 0.40; 0.60 style-shift), refusal of HarmBench's phrasing, capabilities "
-                "(harmless KL 0.28, Wikipedia loss +5.6%: the assertion's 5% limit fails)"),
+         runtime_embedded="17.5 min (2 threads, alone; 2026-12-04)",
+         runtime_ci="5.0 min, 1 thread, beside one other 1-thread run (2026-12-04)",
+         status="partly reproduced on the safety-tuned embedded model; every assertion holds. Embedded run (50 test + "
+                "35 style-shift prompts per side, 48 HarmBench behaviours): tuned harmful refusal 0.92 / 0.97 / 0.69; "
+                "ablating r leaves 0.02 / 0.06 / 0.04, ACE 0.12 / 0.06 / 0.08; adding r makes harmless prompts refuse "
+                "0.16 → 0.82 (test), 0.54 → 0.94 (style-shift), ACE steering 0.90 / 0.97. Not reproduced: the KL ≤ 0.1 "
+                "filter (no steering candidate passes; chosen 0.316), low over-refusal (0.16 test, of which contrast "
+                "requests 0.40; 0.54 style-shift), refusal of HarmBench's phrasing, capabilities (harmless KL 0.29, "
+                "Wikipedia loss +4.6%, under the assertion's 5% but far above the paper's +0.6%)"),
     dict(notebook="04_entropy_neurons", study="Entropy & token-frequency neurons",
          paper="Stolfo et al. 2024", paper_model="GPT-2 small", embedded_model="SmolLM2-135M-Instruct",
          runtime_embedded="22.4 min (beside one other run, 1 thread; 2026-12-02); Gemma-3-270M 103.2 min (2 threads)", runtime_ci="0.8–1.1 min [≈1] before the induction/BOS sections",

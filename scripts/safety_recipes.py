@@ -31,7 +31,7 @@ from helpers.studies.refusal.safety_tuning import TRAINING_DATA_PATH, SafetyTuni
 V1 = SafetyTuningConfig(rank=8, alpha=16, target_modules=("q_proj", "v_proj", "down_proj"), lora_depth=0.5,
                         learning_rate=1e-3, epochs=2, decision_token_weight=5.0, harmless_weight=1.5)
 RECIPES: dict[str, tuple[str, SafetyTuningConfig]] = {
-    "half-qvd-r8": ("LoRA r8 on q/v/down_proj, blocks 0–14, lr 1e-3, harmless weight 1.5 (the previous adapter's settings)", V1),
+    "half-qvd-r8": ("LoRA r8 on q/v/down_proj, blocks 0–14, lr 1e-3, harmless weight 1.5 (the first adapter's settings)", V1),
     "half-qvd-r8-lr2-hw3": ("as half-qvd-r8, lr 2e-3, harmless weight 3", replace(V1, learning_rate=2e-3, harmless_weight=3.0)),
     "all-qvd-r8-lr2-hw3": ("as half-qvd-r8-lr2-hw3, every block", replace(V1, learning_rate=2e-3, harmless_weight=3.0, lora_depth=1.0)),
     "half-qvd-r8-lr2-hw3-1ep": ("as half-qvd-r8-lr2-hw3, one epoch (half the steps)",
@@ -39,8 +39,8 @@ RECIPES: dict[str, tuple[str, SafetyTuningConfig]] = {
     "full-down-b12-13-lr1e-4": ("full fine-tuning of down_proj in blocks 12 and 13 (3.5 M weights), lr 1e-4, harmless weight 3",
                                 replace(V1, full_blocks=(12, 13), target_modules=("down_proj",), learning_rate=1e-4,
                                         harmless_weight=3.0)),
-    "half-qvd-r8-lr2-hw3-cw3": ("as half-qvd-r8-lr2-hw3, contrast requests weighted 3× more (the shipped adapter refuses 0.50 of "
-                                "the test split's contrast requests, 0.09 of the ordinary ones)",
+    "half-qvd-r8-lr2-hw3-cw3": ("as half-qvd-r8-lr2-hw3, contrast requests weighted 3× more (the adapter then shipped, half-qvd-r8-lr2-hw3, "
+                                "refuses 0.50 of the test split's contrast requests, 0.09 of the ordinary ones)",
                                 replace(V1, learning_rate=2e-3, harmless_weight=3.0, contrast_weight=3.0)),
     "half-qvd-r8-lr2-hw3-gen300": ("as half-qvd-r8-lr2-hw3, plus 300 general requests the base model samples itself (Magpie, "
                                    "Xu et al. 2024) with its own answers, weighted as harmless",
@@ -48,7 +48,15 @@ RECIPES: dict[str, tuple[str, SafetyTuningConfig]] = {
     "half-mlp-r16-lr2-hw3": ("LoRA r16 on gate/up/down_proj, blocks 0–14, lr 2e-3, harmless weight 3",
                              replace(V1, rank=16, alpha=32, target_modules=("gate_proj", "up_proj", "down_proj"),
                                      learning_rate=2e-3, harmless_weight=3.0)),
+    "half-mlp-r16-lr2-hw3-gen300": ("as half-mlp-r16-lr2-hw3, plus the general requests of half-qvd-r8-lr2-hw3-gen300 "
+                                    "(300 sampled, 219 kept)",
+                                    replace(V1, rank=16, alpha=32, target_modules=("gate_proj", "up_proj", "down_proj"),
+                                            learning_rate=2e-3, harmless_weight=3.0, general_requests=300)),
+    "half-mlp-r16-lr2-hw5": ("as half-mlp-r16-lr2-hw3, harmless weight 5",
+                             replace(V1, rank=16, alpha=32, target_modules=("gate_proj", "up_proj", "down_proj"),
+                                     learning_rate=2e-3, harmless_weight=5.0)),
 }
+SHIPPED_RECIPE = "half-mlp-r16-lr2-hw3"  # SafetyTuningConfig()'s defaults: what `make safety-adapter` trains
 OUT = ROOT / "build" / "recipes"
 TABLE = ROOT / "helpers" / "data" / "refusal" / "safety_recipes.md"
 SHIPPED = TABLE.parent / "recipes"  # helpers/data/refusal/recipes/<name>/: each evaluated recipe's report + eval.json
@@ -132,7 +140,8 @@ def table_text(folder: Path = SHIPPED) -> str:
         elif "position" not in values:  # an evaluation that stopped at the selection (no candidate passed)
             row[2] = (f"none passes KL ≤ 0.1 (lowest KL of a steering candidate: "
                       f"{values['smallest_kl_that_steers']:.3f}); not evaluated further")
-        lines.append(f"| **{name}**: {description} | " + " | ".join(row) + f" | {report['train_seconds'] / 60:.1f} min |")
+        shipped = "**the shipped adapter** · " if name == SHIPPED_RECIPE else ""
+        lines.append(f"| **{name}**: {shipped}{description} | " + " | ".join(row) + f" | {report['train_seconds'] / 60:.1f} min |")
     missing = [name for name in RECIPES if not evaluated(name, folder)]
     if missing:
         lines += ["", "Defined in `scripts/safety_recipes.py` but not evaluated yet: " + ", ".join(f"`{m}`" for m in missing) + "."]
@@ -143,14 +152,20 @@ def table_text(folder: Path = SHIPPED) -> str:
               "user requests itself from its chat template's user-turn prefix and answers them "
               "(`safety_tuning.sample_user_requests`); they are in the model's own voice, not this project's or the "
               "style-shift set's.",
-              "", "HarmBench columns show \"—\" for recipes evaluated before HarmBench was added to the evaluation; the "
-              "shipped adapter (half-qvd-r8-lr2-hw3) refuses 0.48 of all 200 HarmBench standard behaviours "
-              "(helpers/data/refusal/README.md).",
+              "", "HarmBench columns show \"—\" for recipes evaluated before HarmBench was added to the evaluation. On all "
+              "200 HarmBench standard behaviours the shipped adapter refuses 0.70 "
+              "(`helpers/data/refusal/adapter_refusal_by_group.json`), the one shipped before it (half-qvd-r8-lr2-hw3) 0.48.",
+              "", f"The shipped adapter is `make safety-adapter`'s output with {SHIPPED_RECIPE}'s settings (its training data "
+              "regenerated, not reused as in the recipe runs): the same refusal rates on the whole test split and "
+              "style-shift set as that recipe's run, loss curves equal to 4 decimals. Two runs of `make safety-adapter` "
+              "gave the same adapter bytes (2026-12-04).",
               "", "A recipe whose evaluation shows only the selection was evaluated before the selection could fall back "
               "to the lowest-KL candidate; it stopped there. Training times were measured with another job on the "
               "second core (the cw3 and full-down recipes with several; gen300 beside two other jobs, whose 6 min of request sampling "
               "and 2.5 min of answering are outside the training time; all-qvd-r8-lr2-hw3 and half-mlp-r16-lr2-hw3 beside "
-              "each other, each with 1 thread, as were their evaluations)."]
+              "each other, each with 1 thread, as were their evaluations; half-mlp-r16-lr2-hw3-gen300 beside "
+              "`make safety-adapter`, half-mlp-r16-lr2-hw5 beside 1-thread runs of "
+              "`scripts/adapter_refusal_by_group.py` and of the refusal notebook's ci profile)."]
     return "\n".join(lines) + "\n"
 
 

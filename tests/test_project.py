@@ -1,5 +1,6 @@
 """The project's own plumbing: pins agree, Colab links are in sync, CI calls the README's command."""
 
+import json
 import re
 import subprocess
 import sys
@@ -304,6 +305,21 @@ def test_safety_recipes_table_is_built_from_every_shipped_evaluation():
     for name in shipped:
         assert name in recipes.RECIPES, f"shipped recipe {name} is no longer defined in scripts/safety_recipes.py"
         assert f"| **{name}**:" in committed, f"evaluated recipe {name} has no row in safety_recipes.md"
+
+
+def test_the_shipped_recipe_is_what_make_safety_adapter_trains():
+    """The recipe the table marks as shipped is SafetyTuningConfig()'s defaults (what `make safety-adapter`
+    trains), and the shipped adapter's training report was made with exactly that configuration."""
+    from dataclasses import asdict
+
+    from helpers.studies.refusal.safety_tuning import REPORT_JSON_PATH, SafetyTuningConfig
+
+    recipes = _safety_recipes_script()
+    shipped = asdict(recipes.RECIPES[recipes.SHIPPED_RECIPE][1])
+    assert shipped == asdict(SafetyTuningConfig()), "SHIPPED_RECIPE and SafetyTuningConfig()'s defaults differ"
+    report = json.loads(REPORT_JSON_PATH.read_text())["config"]
+    assert report == json.loads(json.dumps(shipped)), "the shipped adapter was not trained with SafetyTuningConfig()"
+    assert f"| **{recipes.SHIPPED_RECIPE}**: **the shipped adapter**" in recipes.TABLE.read_text()
 
 
 def test_safety_recipes_table_lists_only_what_the_given_folder_holds(tmp_path):

@@ -572,6 +572,8 @@ def test_lora_training_lowers_loss_and_merged_adapter_matches(tiny_hf, tmp_path)
 def test_shipped_adapter_and_report():
     files = {p.name: p.stat().st_size for p in S.ADAPTER_DIR.iterdir()}
     assert "adapter_config.json" in files and "adapter_model.safetensors" in files, files
+    adapter_config = json.loads((S.ADAPTER_DIR / "adapter_config.json").read_text())
+    assert adapter_config["target_modules"] == sorted(adapter_config["target_modules"]), "not save_adapter's output"
     assert sum(files.values()) < 5e6, files
     report = json.loads(S.REPORT_JSON_PATH.read_text())
     assert report["torch_threads"] == 1 and report["config"]["threads"] == 1, "make safety-adapter must reproduce it"
@@ -817,8 +819,12 @@ def test_lora_training_is_bit_for_bit_repeatable(tmp_path):
         peft_model = S.make_lora_model(_tiny_hf_model("tiny-llama", 0, tokenizer), config)
         S.train_lora(peft_model, tokenizer, examples, config)
         S.save_adapter(peft_model, tmp_path / str(run), config.adapter_dtype)
-        digests.append(hashlib.sha256((tmp_path / str(run) / "adapter_model.safetensors").read_bytes()).hexdigest())
+        digests.append([hashlib.sha256((tmp_path / str(run) / name).read_bytes()).hexdigest()
+                        for name in ("adapter_model.safetensors", "adapter_config.json")])
     assert digests[0] == digests[1]
+    # peft keeps target_modules as a set, whose order follows PYTHONHASHSEED: the saved list must be sorted
+    saved = json.loads((tmp_path / "0" / "adapter_config.json").read_text())["target_modules"]
+    assert saved == sorted(config.target_modules), saved
 
 
 def test_full_finetuning_trains_only_the_chosen_matrices_and_its_delta_reloads(tmp_path):

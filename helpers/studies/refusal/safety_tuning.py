@@ -82,17 +82,21 @@ class SafetyTuningConfig:
     """Everything that decides the adapter (saved next to it in the training report)."""
 
     seed: int = 0
-    rank: int = 8
-    alpha: int = 16
+    rank: int = 16
+    alpha: int = 32
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj", "down_proj")
+    target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    """Rank 16 on the three MLP projections (recipe ``half-mlp-r16-lr2-hw3``, shipped since 2026-12-04). Against
+    the earlier default, rank 8 on ``q_proj``/``v_proj``/``down_proj`` (``half-qvd-r8-lr2-hw3``), it refuses more
+    harmful requests (test 0.94 vs 0.88, style-shift 0.97 vs 0.90, HarmBench(64) 0.69 vs 0.48), over-refuses about
+    as much, and its direction steers more and costs less text loss when ablated; see the recipe table."""
     lora_depth: float = 0.5
     """LoRA matrices go into the first ``round(lora_depth · n_layers)`` blocks (1.0: every block).
     The default is the first half (blocks 0–14 of the embedded model's 30). The upper half stays
     frozen, so the refusal decision must be written into the residual stream at mid depth and read
-    by the base model's own upper layers. With LoRA in every block the tuned model refuses as well,
-    but ablating the difference-of-means direction then bypasses only about half of its refusals
-    (measured while developing the adapter; the refusal notebook's model section gives the numbers)."""
+    by the base model's own upper layers. With LoRA in every block (recipe ``all-qvd-r8-lr2-hw3`` in
+    ``helpers/data/refusal/safety_recipes.md``) ablation still bypasses refusal, but no candidate
+    direction comes as close to the KL filter (lowest val KL 0.36 against 0.20–0.21 for the lower half)."""
     full_blocks: tuple[int, ...] = ()
     """Empty (the default): LoRA. Otherwise **full fine-tuning** of ``target_modules`` in these blocks:
     their whole weight matrices train and nothing else does (``rank``, ``alpha``, ``dropout`` and
@@ -472,6 +476,8 @@ def save_adapter(peft_model: Any, folder: Path, dtype: str = "float16") -> None:
     config_path = folder / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct (embedded GGUF Q4_1, float32)"
+    if isinstance(config.get("target_modules"), list):  # peft writes a set: its order follows PYTHONHASHSEED
+        config["target_modules"] = sorted(config["target_modules"])
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     readme = folder / "README.md"
     if readme.exists():  # peft's model-card template; our report says what this adapter is
