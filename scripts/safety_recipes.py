@@ -158,7 +158,8 @@ def table_text(folder: Path = SHIPPED) -> str:
               "", f"The shipped adapter is `make safety-adapter`'s output with {SHIPPED_RECIPE}'s settings (its training data "
               "regenerated, not reused as in the recipe runs): the same refusal rates on the whole test split and "
               "style-shift set as that recipe's run, loss curves equal to 4 decimals. Two runs of `make safety-adapter` "
-              "gave the same adapter bytes (2026-12-04).",
+              "gave the same weights file, byte for byte, and the same training data (2026-12-04); their "
+              "adapter_config.json differed only in the order of target_modules, which `save_adapter` now sorts.",
               "", "A recipe whose evaluation shows only the selection was evaluated before the selection could fall back "
               "to the lowest-KL candidate; it stopped there. Training times were measured with another job on the "
               "second core (the cw3 and full-down recipes with several; gen300 beside two other jobs, whose 6 min of request sampling "

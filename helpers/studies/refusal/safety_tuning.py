@@ -88,7 +88,7 @@ class SafetyTuningConfig:
     target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     """Rank 16 on the three MLP projections (recipe ``half-mlp-r16-lr2-hw3``, shipped since 2026-12-04). Against
     the earlier default, rank 8 on ``q_proj``/``v_proj``/``down_proj`` (``half-qvd-r8-lr2-hw3``), it refuses more
-    harmful requests (test 0.94 vs 0.88, style-shift 0.97 vs 0.90, HarmBench(64) 0.69 vs 0.48), over-refuses about
+    harmful requests (test 0.94 vs 0.88, style-shift 0.97 vs 0.90, all 200 HarmBench behaviours 0.70 vs 0.48), over-refuses about
     as much, and its direction steers more and costs less text loss when ablated; see the recipe table."""
     lora_depth: float = 0.5
     """LoRA matrices go into the first ``round(lora_depth · n_layers)`` blocks (1.0: every block).
