@@ -30,6 +30,8 @@ from helpers.studies.refusal.safety_tuning import TRAINING_DATA_PATH, SafetyTuni
 
 V1 = SafetyTuningConfig(rank=8, alpha=16, target_modules=("q_proj", "v_proj", "down_proj"), lora_depth=0.5,
                         learning_rate=1e-3, epochs=2, decision_token_weight=5.0, harmless_weight=1.5)
+MLP16 = replace(V1, rank=16, alpha=32, target_modules=("gate_proj", "up_proj", "down_proj"), learning_rate=2e-3,
+                harmless_weight=3.0)  # the shipped recipe, and the base of its variations
 RECIPES: dict[str, tuple[str, SafetyTuningConfig]] = {
     "half-qvd-r8": ("LoRA r8 on q/v/down_proj, blocks 0–14, lr 1e-3, harmless weight 1.5 (the first adapter's settings)", V1),
     "half-qvd-r8-lr2-hw3": ("as half-qvd-r8, lr 2e-3, harmless weight 3", replace(V1, learning_rate=2e-3, harmless_weight=3.0)),
@@ -45,16 +47,10 @@ RECIPES: dict[str, tuple[str, SafetyTuningConfig]] = {
     "half-qvd-r8-lr2-hw3-gen300": ("as half-qvd-r8-lr2-hw3, plus 300 general requests the base model samples itself (Magpie, "
                                    "Xu et al. 2024) with its own answers, weighted as harmless",
                                    replace(V1, learning_rate=2e-3, harmless_weight=3.0, general_requests=300)),
-    "half-mlp-r16-lr2-hw3": ("LoRA r16 on gate/up/down_proj, blocks 0–14, lr 2e-3, harmless weight 3",
-                             replace(V1, rank=16, alpha=32, target_modules=("gate_proj", "up_proj", "down_proj"),
-                                     learning_rate=2e-3, harmless_weight=3.0)),
+    "half-mlp-r16-lr2-hw3": ("LoRA r16 on gate/up/down_proj, blocks 0–14, lr 2e-3, harmless weight 3", MLP16),
     "half-mlp-r16-lr2-hw3-gen300": ("as half-mlp-r16-lr2-hw3, plus the general requests of half-qvd-r8-lr2-hw3-gen300 "
-                                    "(300 sampled, 219 kept)",
-                                    replace(V1, rank=16, alpha=32, target_modules=("gate_proj", "up_proj", "down_proj"),
-                                            learning_rate=2e-3, harmless_weight=3.0, general_requests=300)),
-    "half-mlp-r16-lr2-hw5": ("as half-mlp-r16-lr2-hw3, harmless weight 5",
-                             replace(V1, rank=16, alpha=32, target_modules=("gate_proj", "up_proj", "down_proj"),
-                                     learning_rate=2e-3, harmless_weight=5.0)),
+                                    "(300 sampled, 219 kept)", replace(MLP16, general_requests=300)),
+    "half-mlp-r16-lr2-hw5": ("as half-mlp-r16-lr2-hw3, harmless weight 5", replace(MLP16, harmless_weight=5.0)),
 }
 SHIPPED_RECIPE = "half-mlp-r16-lr2-hw3"  # SafetyTuningConfig()'s defaults: what `make safety-adapter` trains
 OUT = ROOT / "build" / "recipes"
