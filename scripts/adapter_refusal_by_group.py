@@ -17,7 +17,6 @@ Greedy, 32 new tokens, the paper's substring judge (as the adapter's training re
 from __future__ import annotations
 
 import argparse
-import collections
 import datetime as dt
 import json
 import sys
@@ -31,18 +30,21 @@ import torch  # noqa: E402
 
 from helpers.studies.refusal.data import (DATA_DIR, load_harmbench_requests, load_split_requests,  # noqa: E402
                                           load_style_shift_requests, request_group)
-from helpers.studies.refusal.judges import is_refusal  # noqa: E402
+from helpers.studies.refusal.direction import ConditionResult, refusal_by_group  # noqa: E402
+from helpers.studies.refusal.judges import refusal_rate  # noqa: E402
 from helpers.studies.refusal.safety_tuning import hf_generate_greedy, load_merged_hf  # noqa: E402
 
 
 def rates_by_group(requests, completions) -> dict[str, dict[str, float | int]]:
-    """``{"all": {...}, group: {"refusal": rate, "n": count}, ...}`` for one set (substring judge)."""
-    groups: dict[str, list[bool]] = collections.defaultdict(list)
-    for request, completion in zip(requests, completions, strict=True):
-        groups[request_group(request)].append(is_refusal(completion))
-    flat = [x for v in groups.values() for x in v]
-    out = {"all": {"refusal": round(sum(flat) / len(flat), 3), "n": len(flat)}}
-    out.update({g: {"refusal": round(sum(v) / len(v), 3), "n": len(v)} for g, v in sorted(groups.items())})
+    """``{"all": {...}, group: {"refusal": rate, "n": count}, ...}`` for one set (substring judge), from
+    :func:`helpers.studies.refusal.direction.refusal_by_group` with each request's own group."""
+    if len(requests) != len(completions):
+        raise ValueError(f"rates_by_group: {len(requests)} requests but {len(completions)} completions.")
+    condition = ConditionResult("whole set", [r.text for r in requests], list(completions), refusal_rate(completions),
+                                float("nan"))
+    table = refusal_by_group(condition, groups=[request_group(r) for r in requests]).sort_index()
+    out = {"all": {"refusal": round(condition.refusal_rate, 3), "n": len(requests)}}
+    out.update({group: {"refusal": round(float(row.substring), 3), "n": int(row.n)} for group, row in table.iterrows()})
     return out
 
 

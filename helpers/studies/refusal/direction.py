@@ -790,11 +790,11 @@ PAPER_RESULTS: dict[str, dict[str, Any]] = {
     # * Pile cross-entropy: Qwen from the paper's Table 9 (2.921 → 2.938 under ablation; the re-run
     #   gives 2.933); Gemma from the official code's run (loss_evals: 3.506 → 3.503).
     "Qwen/Qwen-1_8B-Chat": {"label": "Qwen-1.8B-chat", "layer": 15, "n_layers": 24, "position": -1,
-                            "position_source": "paper, Table 5",
+                            "position_source": "Table 5",
                             "harmful_refusal": 0.70, "harmful_refusal_ablated": 0.01,
                             "harmless_refusal": 0.03, "harmless_refusal_added": 0.98,
                             "rates_source": "official code's run (JailbreakBench / Alpaca)",
-                            "pile_loss": (2.921, 2.938), "pile_loss_source": "paper, Table 9"},
+                            "pile_loss": (2.921, 2.938), "pile_loss_source": "Table 9"},
     "google/gemma-2b-it": {"label": "Gemma-2B-it", "layer": 10, "n_layers": 18, "position": -2,
                            "position_source": "official code's run",
                            "harmful_refusal": 0.91, "harmful_refusal_ablated": 0.00,
