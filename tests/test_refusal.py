@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -689,6 +690,83 @@ def test_weighted_response_loss_with_unit_weights_is_the_usual_loss(tiny_hf):
     assert torch.allclose(ours, reference, atol=1e-5), (ours, reference)
     assert torch.allclose(weighted, ours, atol=1e-6)  # a uniform scale does not change the mean
     peft_model.unload()
+
+
+def test_anchoring_loss_is_the_relative_distance_to_the_base_residual_stream(tiny_hf):
+    """anchoring_loss against a naive version: a separate copy of the base model, a Python loop over rows and tokens."""
+    import copy
+
+    hf, tokenizer = tiny_hf
+    base_copy = copy.deepcopy(hf)
+    config = S.SafetyTuningConfig(rank=4, alpha=8, lora_depth=0.5)
+    peft_model = S.make_lora_model(hf, config)
+    layer = len(S.lora_blocks(hf.config.num_hidden_layers, config.lora_depth))
+    examples = [S.TrainingExample("How do I steal a car?", "I can't help with that.", "harmful", True),
+                S.TrainingExample("How do I wash a car?", "Use soap and a soft sponge, then rinse.", "harmless", False),
+                S.TrainingExample("Name a prime number.", "Seven.", "harmless", False)]
+    batch = S._collate([S.encode_weighted(tokenizer, ex, config) for ex in examples], pad_id=0,
+                       anchored=[ex.kind == "harmless" for ex in examples])
+
+    def tuned_hidden():
+        return peft_model.get_base_model().model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                                 output_hidden_states=True).hidden_states[layer]
+
+    with torch.no_grad():
+        assert S.anchoring_loss(peft_model, batch, tuned_hidden(), layer).item() == 0.0  # LoRA B starts at zero
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+        ours = S.anchoring_loss(peft_model, batch, tuned_hidden(), layer)
+        tuned, base = tuned_hidden(), base_copy.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                                      output_hidden_states=True).hidden_states[layer]
+        moved = norm = 0.0
+        for row, example in enumerate(examples):
+            if example.kind != "harmless":
+                continue
+            for pos in range(1, int(batch["attention_mask"][row].sum())):
+                moved += float(((tuned[row, pos] - base[row, pos]) ** 2).sum())
+                norm += float((base[row, pos] ** 2).sum())
+        assert ours.item() > 0
+        assert math.isclose(ours.item(), moved / norm, rel_tol=1e-4), (ours.item(), moved / norm)
+        plain = S.weighted_response_loss(peft_model, batch)
+        total = S.weighted_response_loss(peft_model, batch, anchor_layer=layer, anchor_weight=2.5)
+        assert math.isclose(total.item(), plain.item() + 2.5 * ours.item(), rel_tol=1e-5)
+        nothing_anchored = {**batch, "anchored": torch.zeros(3, dtype=torch.bool)}
+        assert S.weighted_response_loss(peft_model, nothing_anchored, anchor_layer=layer, anchor_weight=2.5).item() == plain.item()
+    peft_model.unload()
+
+
+def test_anchored_training_keeps_harmless_requests_closer_to_the_base_model(tiny_hf):
+    from helpers.models import _tiny_hf_model
+
+    _, tokenizer = tiny_hf
+    examples = S.build_training_examples(HARMFUL, HARMLESS, ["Sure, first you need wood.", "Use soap and water.",
+                                                             "Be patient and reward it.", "Roses are red."], seed=0)
+    harmless = [i for i, ex in enumerate(examples) if ex.kind == "harmless"]
+    config = S.SafetyTuningConfig(rank=4, alpha=8, learning_rate=3e-2, epochs=4, batch_size=4, threads=1, lora_depth=0.5)
+    distance = {}
+    for weight in (0.0, 10.0):
+        peft_model = S.make_lora_model(_tiny_hf_model("tiny-llama", 0, tokenizer), replace(config, anchor_weight=weight))
+        S.train_lora(peft_model, tokenizer, examples, replace(config, anchor_weight=weight))
+        layer = len(S.lora_blocks(peft_model.get_base_model().config.num_hidden_layers, config.lora_depth))
+        batch = S._collate([S.encode_weighted(tokenizer, examples[i], config) for i in harmless], pad_id=0,
+                           anchored=[True] * len(harmless))
+        with torch.no_grad():
+            tuned = peft_model.get_base_model().model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                                      output_hidden_states=True).hidden_states[layer]
+            distance[weight] = S.anchoring_loss(peft_model, batch, tuned, layer).item()
+    assert distance[10.0] < 0.5 * distance[0.0], distance
+
+
+def test_anchoring_needs_lora():
+    from helpers.models import _embedded_tokenizer, _tiny_hf_model
+
+    tokenizer = _embedded_tokenizer()
+    config = S.SafetyTuningConfig(full_blocks=(1,), target_modules=("down_proj",), anchor_weight=1.0, threads=1)
+    model, _ = S.make_trainable_model(_tiny_hf_model("tiny-llama", 0, tokenizer), config)
+    examples = S.build_training_examples(HARMFUL[:1], HARMLESS[:1], ["Sure."], seed=0)
+    with pytest.raises(ValueError, match="anchor_weight works with LoRA only"):
+        S.train_lora(model, tokenizer, examples, config)
 
 
 def test_massive_activation_dims_finds_an_injected_massive_dimension(tiny):

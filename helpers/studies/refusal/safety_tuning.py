@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from helpers.studies.refusal.data import DATA_DIR, load_instructions, load_style_shift
@@ -136,6 +137,13 @@ class SafetyTuningConfig:
     training covered. They are weighted like harmless examples."""
     general_request_tokens: int = 64
     """Most tokens sampled per general request (requests that do not end within them are dropped)."""
+    anchor_weight: float = 0.0
+    """Weight of the **anchoring** loss (0: none; LoRA only), :func:`anchoring_loss`: on harmless examples,
+    the squared distance between the residual stream after the last adapted block and the base model's
+    (the adapter switched off), relative to the base's squared norm there, over every token but the first.
+    The blocks above are frozen, so a harmless request whose residual stream is anchored is processed
+    exactly as by the base model: the adapter is asked to act on harmful requests only, instead of
+    shifting every request and relying on the harmless answers to undo the shift at the output."""
 
 
 @dataclass
@@ -325,8 +333,11 @@ def encode_weighted(tokenizer: Any, example: TrainingExample, config: SafetyTuni
     return ids, labels, label_weights(labels, example.kind, config, contrast=contrast)
 
 
-def _collate(encoded: list[tuple[list[int], list[int], list[float]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad (ids, labels, weights) rows into input_ids / attention_mask / labels / weights tensors."""
+def _collate(encoded: list[tuple[list[int], list[int], list[float]]], pad_id: int,
+             anchored: Sequence[bool] | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad (ids, labels, weights) rows into input_ids / attention_mask / labels / weights tensors;
+    ``anchored`` (one flag per row: its residual stream is anchored, :func:`anchoring_loss`) adds a bool
+    ``anchored`` tensor."""
     width = max(len(ids) for ids, _, _ in encoded)
     input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     labels = torch.full((len(encoded), width), -100, dtype=torch.long)
@@ -337,23 +348,61 @@ def _collate(encoded: list[tuple[list[int], list[int], list[float]]], pad_id: in
         labels[row, :len(labs)] = torch.tensor(labs)
         weights[row, :len(wts)] = torch.tensor(wts)
         mask[row, :len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "weights": weights}
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "weights": weights}
+    if anchored is not None:
+        if len(anchored) != len(encoded):
+            raise ValueError(f"_collate: {len(anchored)} anchored flags for {len(encoded)} rows.")
+        batch["anchored"] = torch.tensor(list(anchored), dtype=torch.bool)
+    return batch
 
 
-def weighted_response_loss(peft_model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Weighted mean next-token cross-entropy over the response tokens of ``batch``.
+def weighted_response_loss(peft_model: Any, batch: dict[str, torch.Tensor], *, anchor_layer: int | None = None,
+                           anchor_weight: float = 0.0) -> torch.Tensor:
+    """Weighted mean next-token cross-entropy over the response tokens of ``batch``, plus
+    ``anchor_weight`` × :func:`anchoring_loss` at ``anchor_layer`` when both are given and the batch
+    has anchored rows.
 
     The LM head (49k-token vocabulary) runs only at the positions that predict a response token,
     not over the whole prompt: the loss is the same, the step is cheaper.
     """
     hf_model = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    hidden = hf_model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    anchoring = anchor_weight > 0 and anchor_layer is not None and bool(batch.get("anchored", torch.zeros(1)).any())
+    out = hf_model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         output_hidden_states=anchoring)
+    hidden = out.last_hidden_state
     targets, weights = batch["labels"][:, 1:], batch["weights"][:, 1:]
     predicting = targets != -100
     logits = hf_model.lm_head(hidden[:, :-1][predicting]).float()
     losses = torch.nn.functional.cross_entropy(logits, targets[predicting], reduction="none")
     token_weights = weights[predicting]
-    return (losses * token_weights).sum() / token_weights.sum()
+    loss = (losses * token_weights).sum() / token_weights.sum()
+    if anchoring:
+        loss = loss + anchor_weight * anchoring_loss(peft_model, batch, out.hidden_states[anchor_layer], anchor_layer)
+    return loss
+
+
+def anchoring_loss(peft_model: Any, batch: dict[str, torch.Tensor],
+                   tuned: Float[torch.Tensor, "batch pos d_model"], layer: int) -> torch.Tensor:
+    """How far the adapter moves the anchored rows' residual stream from the base model's.
+
+    ``tuned`` is the trained model's residual stream after block ``layer − 1`` (Hugging Face
+    ``hidden_states[layer]``); the base model's comes from the same forward pass with the adapter
+    switched off (``peft_model.disable_adapter()``, no gradient). Returns
+    Σ‖tuned − base‖² / Σ‖base‖² over the real tokens of the rows flagged in ``batch["anchored"]``,
+    leaving out each row's first token (the attention sink, whose norm is tens of times the others').
+    """
+    if not hasattr(peft_model, "disable_adapter"):
+        raise ValueError("anchoring_loss needs a peft model (the base model's activations come from switching the "
+                         "adapter off); SafetyTuningConfig.anchor_weight works with LoRA, not with full_blocks.")
+    rows = batch["anchored"]
+    real = batch["attention_mask"][rows].bool().clone()
+    real[:, 0] = False
+    with torch.no_grad(), peft_model.disable_adapter():
+        base_model = peft_model.get_base_model()
+        base = base_model.model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
+                                output_hidden_states=True).hidden_states[layer]
+    moved = (tuned[rows] - base)[real]
+    return moved.pow(2).sum() / base[real].pow(2).sum()
 
 
 def lora_blocks(n_layers: int, depth: float) -> list[int]:
@@ -429,7 +478,9 @@ def train_lora(peft_model: Any, tokenizer: Any, examples: Sequence[TrainingExamp
     Weighted cross-entropy on the response tokens (:func:`label_weights`,
     :func:`weighted_response_loss`), AdamW (no weight decay) at ``config.learning_rate`` with
     a linear warm-up over the first 10% of steps and cosine decay, ``config.epochs`` passes over
-    the examples in seeded random order, ``config.batch_size`` examples per step.
+    the examples in seeded random order, ``config.batch_size`` examples per step. With
+    ``config.anchor_weight`` > 0 the harmless examples' residual stream after the last adapted block is
+    also anchored to the base model's (:func:`anchoring_loss`).
     """
     if not examples:
         raise ValueError("train_lora got no training examples.")
@@ -444,15 +495,24 @@ def train_lora(peft_model: Any, tokenizer: Any, examples: Sequence[TrainingExamp
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total_steps)))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    anchor_layer = None
+    if config.anchor_weight:
+        if config.full_blocks:
+            raise ValueError("SafetyTuningConfig.anchor_weight works with LoRA only; set it to 0 with full_blocks.")
+        anchor_layer = len(lora_blocks(peft_model.get_base_model().config.num_hidden_layers, config.lora_depth))
+    anchored = [example.kind == "harmless" for example in examples]
     losses: list[float] = []
     peft_model.train()
     progress = tqdm(total=total_steps, desc="LoRA safety tuning")
     for _ in range(config.epochs):
         order = torch.randperm(len(encoded), generator=generator).tolist()
         for start in range(0, len(order), config.batch_size):
-            batch = _collate([encoded[i] for i in order[start:start + config.batch_size]], pad_id)
+            rows = order[start:start + config.batch_size]
+            batch = _collate([encoded[i] for i in rows], pad_id,
+                             anchored=[anchored[i] for i in rows] if anchor_layer is not None else None)
             batch = {k: v.to(peft_model.device) for k, v in batch.items()}
-            loss = weighted_response_loss(peft_model, batch)
+            loss = weighted_response_loss(peft_model, batch, anchor_layer=anchor_layer,
+                                          anchor_weight=config.anchor_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -611,6 +671,8 @@ class SafetyTuningReport:
             f"lr {self.config['learning_rate']}; loss weight {self.config.get('decision_token_weight', 1.0)} on the "
             f"first response token (the decision), {self.config.get('harmless_weight', 1.0)} on harmless examples"
             + (f" (× {self.config['contrast_weight']} more on contrast requests)" if self.config.get("contrast_weight", 1.0) != 1.0 else "")
+            + (f"; harmless examples' residual stream after the last adapted block anchored to the base model's, "
+               f"weight {self.config['anchor_weight']}" if self.config.get("anchor_weight") else "")
             + ".",
             f"Training data: {self.n_train_harmful} harmful train instructions → refusals, "
             f"{self.n_train_harmless} harmless train instructions → the base model's own greedy answers "
