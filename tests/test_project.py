@@ -312,13 +312,13 @@ def test_the_shipped_recipe_is_what_make_safety_adapter_trains():
     trains), and the shipped adapter's training report was made with exactly that configuration."""
     from dataclasses import asdict
 
-    from helpers.studies.refusal.safety_tuning import REPORT_JSON_PATH, SafetyTuningConfig
+    from helpers.studies.refusal.safety_tuning import REPORT_JSON_PATH, SafetyTuningConfig, config_from_report
 
     recipes = _safety_recipes_script()
     shipped = asdict(recipes.RECIPES[recipes.SHIPPED_RECIPE][1])
     assert shipped == asdict(SafetyTuningConfig()), "SHIPPED_RECIPE and SafetyTuningConfig()'s defaults differ"
-    report = json.loads(REPORT_JSON_PATH.read_text())["config"]
-    assert report == json.loads(json.dumps(shipped)), "the shipped adapter was not trained with SafetyTuningConfig()"
+    report = config_from_report(json.loads(REPORT_JSON_PATH.read_text())["config"])
+    assert report == SafetyTuningConfig(), "the shipped adapter was not trained with SafetyTuningConfig()"
     assert f"| **{recipes.SHIPPED_RECIPE}**: **the shipped adapter**" in recipes.TABLE.read_text()
 
 

@@ -692,6 +692,19 @@ def test_weighted_response_loss_with_unit_weights_is_the_usual_loss(tiny_hf):
     peft_model.unload()
 
 
+def test_config_from_report_fills_only_later_fields_with_their_no_change_value():
+    from dataclasses import asdict
+
+    recorded = json.loads(json.dumps(asdict(S.SafetyTuningConfig(rank=4, anchor_weight=2.0))))
+    assert S.config_from_report(recorded) == S.SafetyTuningConfig(rank=4, anchor_weight=2.0)
+    older = {k: v for k, v in recorded.items() if k not in S.FIELDS_ADDED_LATER}
+    assert S.config_from_report(older) == S.SafetyTuningConfig(rank=4, anchor_weight=0.0)
+    with pytest.raises(ValueError, match="lacks \\['rank'\\]"):
+        S.config_from_report({k: v for k, v in recorded.items() if k != "rank"})
+    with pytest.raises(ValueError, match="does not know: \\['warmup'\\]"):
+        S.config_from_report({**recorded, "warmup": 3})
+
+
 def test_anchoring_loss_is_the_relative_distance_to_the_base_residual_stream(tiny_hf):
     """anchoring_loss against a naive version: a separate copy of the base model, a Python loop over rows and tokens."""
     import copy

@@ -27,7 +27,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -144,6 +144,31 @@ class SafetyTuningConfig:
     The blocks above are frozen, so a harmless request whose residual stream is anchored is processed
     exactly as by the base model: the adapter is asked to act on harmful requests only, instead of
     shifting every request and relying on the harmless answers to undo the shift at the output."""
+
+
+FIELDS_ADDED_LATER: dict[str, Any] = {"anchor_weight": 0.0}
+""":class:`SafetyTuningConfig` fields added after some shipped training reports were written, each with the
+value that trains exactly as the code did before the field existed (``anchor_weight`` 0: no anchoring loss,
+the same computation step for step). :func:`config_from_report` fills them in where a report lacks them."""
+
+
+def config_from_report(config: dict[str, Any]) -> SafetyTuningConfig:
+    """The :class:`SafetyTuningConfig` a training report's ``config`` records.
+
+    A report written before a field of :data:`FIELDS_ADDED_LATER` existed gets that field's no-change value;
+    any other missing or unknown field is an error, so a report made with other settings never reads as
+    the defaults.
+    """
+    known = {f.name for f in fields(SafetyTuningConfig)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"config_from_report: the report's config has fields SafetyTuningConfig does not know: {unknown}.")
+    missing = sorted(known - set(config) - set(FIELDS_ADDED_LATER))
+    if missing:
+        raise ValueError(f"config_from_report: the report's config lacks {missing}; it cannot say how the adapter was trained.")
+    values = {**FIELDS_ADDED_LATER, **config}
+    return SafetyTuningConfig(**{**values, "target_modules": tuple(values["target_modules"]),
+                                 "full_blocks": tuple(values["full_blocks"])})
 
 
 @dataclass
