@@ -51,6 +51,10 @@ RECIPES: dict[str, tuple[str, SafetyTuningConfig]] = {
     "half-mlp-r16-lr2-hw3-gen300": ("as half-mlp-r16-lr2-hw3, plus the general requests of half-qvd-r8-lr2-hw3-gen300 "
                                     "(300 sampled, 219 kept)", replace(MLP16, general_requests=300)),
     "half-mlp-r16-lr2-hw5": ("as half-mlp-r16-lr2-hw3, harmless weight 5", replace(MLP16, harmless_weight=5.0)),
+    "half-mlp-r16-lr2-hw3-anchor10": ("as half-mlp-r16-lr2-hw3, harmless examples' residual stream after block 14 anchored to "
+                                      "the base model's, weight 10 (the shipped adapter moves it 0.029 of its squared norm "
+                                      "on harmless train requests, 0.163 on harmful ones)", replace(MLP16, anchor_weight=10.0)),
+    "half-mlp-r16-lr2-hw3-anchor30": ("as half-mlp-r16-lr2-hw3-anchor10, anchoring weight 30", replace(MLP16, anchor_weight=30.0)),
 }
 SHIPPED_RECIPE = "half-mlp-r16-lr2-hw3"  # SafetyTuningConfig()'s defaults: what `make safety-adapter` trains
 OUT = ROOT / "build" / "recipes"
