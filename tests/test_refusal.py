@@ -96,6 +96,26 @@ def test_style_shift_set_is_held_out_and_written_differently(splits):
     assert not main_texts & {r.text for r in requests}
 
 
+def test_voice_validation_set_is_balanced_and_no_near_duplicate_of_any_other_set(splits):
+    """The recipe-selection set in other voices: both sides in every voice, no request a rewording of a train,
+    test, style-shift or HarmBench request (a selection set that copied a test request would leak it)."""
+    from collections import Counter
+
+    requests = D.load_voice_val_requests()
+    assert Counter((r.style, r.kind) for r in requests) == {(v, k): 10 for v in
+                                                            ("academic", "childlike", "terse", "forum", "sarcastic",
+                                                             "verbose_polite") for k in D.KINDS}
+    assert Counter(r.category for r in requests if r.kind == "harmful") == {c: 6 for c in D.HARM_CATEGORIES}
+    assert sum(r.contrast for r in requests) == 24 and all(r.category in D.HARM_CATEGORIES for r in requests if r.contrast)
+    assert not {r.style for r in requests} & {r.style for r in D.load_style_shift_requests()}
+    others = [t for s in D.SPLITS for k in D.KINDS for t in splits[s][k]]
+    others += [r.text for r in D.load_style_shift_requests()] + D.load_harmbench()
+    other_words = [D.word_set(t) for t in others]
+    for r in requests:
+        assert max(D.jaccard(D.word_set(r.text), w) for w in other_words) < D.NEAR_DUPLICATE_JACCARD, r.text
+    assert len({r.text for r in requests}) == len(requests)
+
+
 def test_splits_are_deterministic(split_requests):
     again = D.load_split_requests()
     assert {s: {k: [r.id for r in v] for k, v in sides.items()} for s, sides in again.items()} == \
@@ -643,9 +663,16 @@ def test_lora_depth_puts_lora_in_the_lower_blocks_only(tiny_hf):
     assert S.lora_blocks(30, 0.5) == list(range(15))
     assert S.lora_blocks(30, 1.0) == list(range(30))
     assert S.lora_blocks(4, 0.01) == [0]  # at least one block
+    assert S.lora_blocks(30, 0.5, 8) == list(range(8, 15))
+    with pytest.raises(ValueError, match="lora_first_block"):
+        S.lora_blocks(30, 0.5, 15)
     peft_model = S.make_lora_model(hf, S.SafetyTuningConfig(rank=4, alpha=8, lora_depth=0.5))
     blocks = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in peft_model.named_parameters() if "lora_A" in n}
     assert blocks == set(S.lora_blocks(n_layers, 0.5)) and max(blocks) < n_layers - 1
+    peft_model.unload()
+    peft_model = S.make_lora_model(hf, S.SafetyTuningConfig(rank=4, alpha=8, lora_depth=1.0, lora_first_block=n_layers - 2))
+    blocks = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in peft_model.named_parameters() if "lora_A" in n}
+    assert blocks == {n_layers - 2, n_layers - 1}
     peft_model.unload()
     with pytest.raises(ValueError, match="lora_depth"):
         S.make_lora_model(hf, S.SafetyTuningConfig(lora_depth=0.0))

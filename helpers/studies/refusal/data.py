@@ -14,6 +14,9 @@ The sets (``helpers/data/refusal/``, documented in its ``README.md``):
 * ``style_shift.jsonl`` — a test-only set written in other voices (texting, legalese, search
   keywords, non-native English, …) to measure whether refusal generalises beyond the style it was
   tuned and selected on. It is never split, trained on or used for selection.
+* ``voice_val.jsonl`` — a *selection* set in six further voices (academic, childlike, terse, forum,
+  sarcastic, verbose-polite), none of them the style-shift set's: safety-tuning recipes are compared
+  on it and on the val split, so that the choice of recipe never looks at a test set.
 
 Splits (:func:`split_requests`) are by request, stratified by side and category, with every group
 of near-duplicates (:func:`near_duplicate_groups`) kept inside one split, so that no test request
@@ -36,6 +39,7 @@ DATA_DIR = HELPERS_DATA_DIR / "refusal"
 HARMFUL_PATH = DATA_DIR / "harmful.jsonl"
 HARMLESS_PATH = DATA_DIR / "harmless.jsonl"
 STYLE_SHIFT_PATH = DATA_DIR / "style_shift.jsonl"
+VOICE_VAL_PATH = DATA_DIR / "voice_val.jsonl"
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 KINDS: tuple[str, ...] = ("harmful", "harmless")
@@ -100,7 +104,8 @@ def load_requests(kind: str, path: Path | str | None = None) -> list[Request]:
 
 
 def load_style_shift_requests(path: Path | str = STYLE_SHIFT_PATH) -> list[Request]:
-    """The style-shift test set (both sides), in file order."""
+    """The style-shift test set (both sides), in file order. (Also reads the voice-validation set,
+    which has the same layout: :func:`load_voice_val_requests`.)"""
     out = []
     for row in _read_jsonl(Path(path)):
         if row["kind"] not in KINDS:
@@ -114,6 +119,11 @@ def load_style_shift(path: Path | str = STYLE_SHIFT_PATH) -> dict[str, list[str]
     """The style-shift test set as ``{"harmful": [...], "harmless": [...]}`` (texts)."""
     requests = load_style_shift_requests(path)
     return {kind: [r.text for r in requests if r.kind == kind] for kind in KINDS}
+
+
+def load_voice_val_requests(path: Path | str = VOICE_VAL_PATH) -> list[Request]:
+    """The voice-validation set (both sides; selection only, never training), in file order."""
+    return load_style_shift_requests(path)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -98,6 +98,10 @@ class SafetyTuningConfig:
     by the base model's own upper layers. With LoRA in every block (recipe ``all-qvd-r8-lr2-hw3`` in
     ``helpers/data/refusal/safety_recipes.md``) ablation still bypasses refusal, but no candidate
     direction comes as close to the KL filter (lowest val KL 0.36 against 0.20–0.21 for the lower half)."""
+    lora_first_block: int = 0
+    """The lowest block that gets LoRA matrices (0: from the bottom). With ``lora_depth`` 0.5 and 8, the blocks
+    8–14 of 30: the adapter then reads the representations that the base model has built by mid depth, not the
+    token-level ones of the first blocks."""
     full_blocks: tuple[int, ...] = ()
     """Empty (the default): LoRA. Otherwise **full fine-tuning** of ``target_modules`` in these blocks:
     their whole weight matrices train and nothing else does (``rank``, ``alpha``, ``dropout`` and
@@ -146,7 +150,7 @@ class SafetyTuningConfig:
     shifting every request and relying on the harmless answers to undo the shift at the output."""
 
 
-FIELDS_ADDED_LATER: dict[str, Any] = {"anchor_weight": 0.0}
+FIELDS_ADDED_LATER: dict[str, Any] = {"anchor_weight": 0.0, "lora_first_block": 0}
 """:class:`SafetyTuningConfig` fields added after some shipped training reports were written, each with the
 value that trains exactly as the code did before the field existed (``anchor_weight`` 0: no anchoring loss,
 the same computation step for step). :func:`config_from_report` fills them in where a report lacks them."""
@@ -430,12 +434,16 @@ def anchoring_loss(peft_model: Any, batch: dict[str, torch.Tensor],
     return moved.pow(2).sum() / base[real].pow(2).sum()
 
 
-def lora_blocks(n_layers: int, depth: float) -> list[int]:
-    """The blocks that get LoRA matrices: the first ``round(depth · n_layers)`` (at least one)."""
+def lora_blocks(n_layers: int, depth: float, first: int = 0) -> list[int]:
+    """The blocks that get LoRA matrices: ``first`` up to the ``round(depth · n_layers)``-th (at least one)."""
     if not 0 < depth <= 1:
         raise ValueError(f"SafetyTuningConfig.lora_depth must be in (0, 1] (the fraction of blocks, from the "
                          f"bottom, that get LoRA matrices), got {depth!r}.")
-    return list(range(max(1, round(depth * n_layers))))
+    end = max(1, round(depth * n_layers))
+    if not 0 <= first < end:
+        raise ValueError(f"SafetyTuningConfig.lora_first_block must be in 0..{end - 1} (below the last adapted block, "
+                         f"{end - 1}, that lora_depth={depth} gives for {n_layers} blocks), got {first!r}.")
+    return list(range(first, end))
 
 
 def make_lora_model(hf_model: Any, config: SafetyTuningConfig) -> Any:
@@ -443,7 +451,7 @@ def make_lora_model(hf_model: Any, config: SafetyTuningConfig) -> Any:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(config.seed)
-    layers = lora_blocks(hf_model.config.num_hidden_layers, config.lora_depth)
+    layers = lora_blocks(hf_model.config.num_hidden_layers, config.lora_depth, config.lora_first_block)
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                       target_modules=list(config.target_modules), layers_to_transform=layers,
                       bias="none", task_type="CAUSAL_LM")
@@ -524,7 +532,7 @@ def train_lora(peft_model: Any, tokenizer: Any, examples: Sequence[TrainingExamp
     if config.anchor_weight:
         if config.full_blocks:
             raise ValueError("SafetyTuningConfig.anchor_weight works with LoRA only; set it to 0 with full_blocks.")
-        anchor_layer = len(lora_blocks(peft_model.get_base_model().config.num_hidden_layers, config.lora_depth))
+        anchor_layer = lora_blocks(peft_model.get_base_model().config.num_hidden_layers, config.lora_depth)[-1] + 1
     anchored = [example.kind == "harmless" for example in examples]
     losses: list[float] = []
     peft_model.train()
@@ -684,6 +692,9 @@ class SafetyTuningReport:
         if self.config.get("full_blocks"):
             return "blocks " + ", ".join(map(str, self.config["full_blocks"]))
         depth = self.config.get("lora_depth", 1.0)
+        first = self.config.get("lora_first_block", 0)
+        if first:
+            return f"blocks {first} up to the first {depth:.0%} of the blocks"
         return "every block" if depth >= 1 else f"the first {depth:.0%} of the blocks"
 
     def to_markdown(self) -> str:
