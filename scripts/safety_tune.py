@@ -41,6 +41,8 @@ def main() -> None:
                         help="loss weight of harmless examples")
     parser.add_argument("--lora-depth", type=float, default=defaults.lora_depth,
                         help="fraction of the blocks, from the bottom, that get LoRA matrices (1.0: all)")
+    parser.add_argument("--lora-first-block", type=int, default=defaults.lora_first_block,
+                        help="the lowest block that gets LoRA matrices (0: from the bottom)")
     parser.add_argument("--out", type=Path, default=DATA_DIR, help="output folder (default: the shipped data folder)")
     parser.add_argument("--reuse-data", action="store_true",
                         help="train on the existing safety_tuning_data.jsonl instead of regenerating it")
@@ -48,7 +50,8 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     config = SafetyTuningConfig(seed=args.seed, threads=args.threads, epochs=args.epochs, rank=args.rank,
                                 learning_rate=args.lr, decision_token_weight=args.decision_weight,
-                                harmless_weight=args.harmless_weight, lora_depth=args.lora_depth)
+                                harmless_weight=args.harmless_weight, lora_depth=args.lora_depth,
+                                lora_first_block=args.lora_first_block)
     report = run_safety_tuning(config, out_dir=args.out, reuse_training_data=args.reuse_data)
     print(report.to_markdown())
 

@@ -7,6 +7,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
@@ -331,3 +333,26 @@ def test_safety_recipes_table_lists_only_what_the_given_folder_holds(tmp_path):
     text = recipes.table_text(tmp_path)
     assert sum(line.startswith("| **") for line in text.splitlines()) == 1 and f"| **{one}**:" in text
     assert "not evaluated yet" in text
+
+
+def test_the_selection_rule_needs_harmful_refusal_on_both_sets_then_takes_the_least_over_refusal():
+    recipes = _safety_recipes_script()
+
+    def rates(vh, vl, wh, wl):
+        return {"val harmful": vh, "val harmless": vl, "voice-val harmful": wh, "voice-val harmless": wl}
+
+    results = {"a": rates(0.95, 0.30, 0.95, 0.40),  # eligible, score 0.35
+               "b": rates(0.91, 0.20, 0.90, 0.30),  # eligible, score 0.25: chosen
+               "c": rates(0.99, 0.00, 0.89, 0.00)}  # no over-refusal, but refuses too few voice-val harmful requests
+    assert recipes.selection_score(results["c"]) is None
+    assert recipes.selection_score(results["b"]) == pytest.approx(0.25)
+    assert recipes.chosen_by_selection(results) == "b"
+    assert recipes.chosen_by_selection({"c": results["c"]}) is None
+
+
+def test_the_shipped_recipe_is_the_one_the_selection_rule_chooses():
+    """The shipped recipe was chosen on the selection sets (val split + voice_val) by the stated rule, not by hand."""
+    recipes = _safety_recipes_script()
+    results = recipes.screened()
+    assert recipes.SHIPPED_RECIPE in results, "the shipped recipe has no selection.json (run safety_recipes.py --screen)"
+    assert recipes.chosen_by_selection(results) == recipes.SHIPPED_RECIPE

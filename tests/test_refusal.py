@@ -565,7 +565,7 @@ def test_encode_example_masks_the_prompt(tiny_hf):
 
 def test_lora_training_lowers_loss_and_merged_adapter_matches(tiny_hf, tmp_path):
     hf, tokenizer = tiny_hf
-    config = S.SafetyTuningConfig(rank=4, alpha=8, learning_rate=3e-2, epochs=8, batch_size=4, threads=1,
+    config = S.SafetyTuningConfig(lora_first_block=0, rank=4, alpha=8, learning_rate=3e-2, epochs=8, batch_size=4, threads=1,
                                   adapter_dtype="float32", lora_depth=1.0)
     examples = S.build_training_examples(HARMFUL, HARMLESS, ["Sure, first you need wood.", "Use soap and water.",
                                                              "Be patient and reward it.", "Roses are red."], seed=0)
@@ -666,7 +666,7 @@ def test_lora_depth_puts_lora_in_the_lower_blocks_only(tiny_hf):
     assert S.lora_blocks(30, 0.5, 8) == list(range(8, 15))
     with pytest.raises(ValueError, match="lora_first_block"):
         S.lora_blocks(30, 0.5, 15)
-    peft_model = S.make_lora_model(hf, S.SafetyTuningConfig(rank=4, alpha=8, lora_depth=0.5))
+    peft_model = S.make_lora_model(hf, S.SafetyTuningConfig(lora_first_block=0, rank=4, alpha=8, lora_depth=0.5))
     blocks = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in peft_model.named_parameters() if "lora_A" in n}
     assert blocks == set(S.lora_blocks(n_layers, 0.5)) and max(blocks) < n_layers - 1
     peft_model.unload()
@@ -704,7 +704,7 @@ def test_contrast_flags_find_the_contrast_requests_of_the_training_data():
 
 def test_weighted_response_loss_with_unit_weights_is_the_usual_loss(tiny_hf):
     hf, tokenizer = tiny_hf
-    config = S.SafetyTuningConfig(rank=4, alpha=8, decision_token_weight=1.0, harmless_weight=1.0)
+    config = S.SafetyTuningConfig(lora_first_block=0, rank=4, alpha=8, decision_token_weight=1.0, harmless_weight=1.0)
     peft_model = S.make_lora_model(hf, config)
     examples = [S.TrainingExample("How do I steal a car?", "I can't help with that.", "harmful", True),
                 S.TrainingExample("How do I wash a car?", "Use soap and a soft sponge, then rinse.", "harmless", False)]
@@ -725,7 +725,7 @@ def test_config_from_report_fills_only_later_fields_with_their_no_change_value()
     recorded = json.loads(json.dumps(asdict(S.SafetyTuningConfig(rank=4, anchor_weight=2.0))))
     assert S.config_from_report(recorded) == S.SafetyTuningConfig(rank=4, anchor_weight=2.0)
     older = {k: v for k, v in recorded.items() if k not in S.FIELDS_ADDED_LATER}
-    assert S.config_from_report(older) == S.SafetyTuningConfig(rank=4, anchor_weight=0.0)
+    assert S.config_from_report(older) == S.SafetyTuningConfig(rank=4, anchor_weight=0.0, lora_first_block=0)
     with pytest.raises(ValueError, match="lacks \\['rank'\\]"):
         S.config_from_report({k: v for k, v in recorded.items() if k != "rank"})
     with pytest.raises(ValueError, match="does not know: \\['warmup'\\]"):
@@ -738,7 +738,7 @@ def test_anchoring_loss_is_the_relative_distance_to_the_base_residual_stream(tin
 
     hf, tokenizer = tiny_hf
     base_copy = copy.deepcopy(hf)
-    config = S.SafetyTuningConfig(rank=4, alpha=8, lora_depth=0.5)
+    config = S.SafetyTuningConfig(lora_first_block=0, rank=4, alpha=8, lora_depth=0.5)
     peft_model = S.make_lora_model(hf, config)
     layer = len(S.lora_blocks(hf.config.num_hidden_layers, config.lora_depth))
     examples = [S.TrainingExample("How do I steal a car?", "I can't help with that.", "harmful", True),
@@ -783,7 +783,7 @@ def test_anchored_training_keeps_harmless_requests_closer_to_the_base_model(tiny
     examples = S.build_training_examples(HARMFUL, HARMLESS, ["Sure, first you need wood.", "Use soap and water.",
                                                              "Be patient and reward it.", "Roses are red."], seed=0)
     harmless = [i for i, ex in enumerate(examples) if ex.kind == "harmless"]
-    config = S.SafetyTuningConfig(rank=4, alpha=8, learning_rate=3e-2, epochs=4, batch_size=4, threads=1, lora_depth=0.5)
+    config = S.SafetyTuningConfig(lora_first_block=0, rank=4, alpha=8, learning_rate=3e-2, epochs=4, batch_size=4, threads=1, lora_depth=0.5)
     distance = {}
     for weight in (0.0, 10.0):
         peft_model = S.make_lora_model(_tiny_hf_model("tiny-llama", 0, tokenizer), replace(config, anchor_weight=weight))
@@ -929,7 +929,7 @@ def test_lora_training_is_bit_for_bit_repeatable(tmp_path):
     from helpers.models import _embedded_tokenizer, _tiny_hf_model
 
     tokenizer = _embedded_tokenizer()
-    config = S.SafetyTuningConfig(rank=4, alpha=8, learning_rate=3e-2, epochs=2, batch_size=4, threads=1, lora_depth=1.0)
+    config = S.SafetyTuningConfig(lora_first_block=0, rank=4, alpha=8, learning_rate=3e-2, epochs=2, batch_size=4, threads=1, lora_depth=1.0)
     examples = S.build_training_examples(HARMFUL, HARMLESS, ["Sure, first you need wood.", "Use soap and water.",
                                                              "Be patient and reward it.", "Roses are red."], seed=0)
     digests = []
@@ -1124,3 +1124,29 @@ def test_sample_user_requests_is_seeded_distinct_and_filtered(tiny_hf):
                                exclude=["write a short poem about the sea."])
     with pytest.raises(ValueError, match="n must be positive"):
         S.sample_user_requests(Scripted(), tokenizer, 0, seed=1)
+
+
+def test_selection_refusal_rates_read_only_the_selection_sets_and_split_them_by_group(monkeypatch):
+    val = D.load_split_requests()["val"]
+    voice = D.load_voice_val_requests()
+    contrast = {r.text for r in [*val["harmless"], *voice] if r.contrast}
+    terse = {r.text for r in voice if r.style == "terse"}
+    test_texts = {r.text for side in D.load_split_requests()["test"].values() for r in side}
+    seen: list[str] = []
+
+    def fake_generate(hf_model, tokenizer, instructions, *, max_new_tokens, desc=None):
+        seen.extend(instructions)
+        return ["I'm sorry, but I can't help with that." if (t in contrast or t in terse) else "Sure! Here it is."
+                for t in instructions]
+
+    monkeypatch.setattr(S, "hf_generate_greedy", fake_generate)
+    rates = S.selection_refusal_rates(None, None)
+    assert not set(seen) & test_texts, "a test-split request was generated during selection"
+    assert len(seen) == sum(len(v) for v in val.values()) + len(voice)
+    n_contrast = sum(r.contrast for r in val["harmless"])
+    assert rates["val harmless"] == pytest.approx(n_contrast / len(val["harmless"]))
+    assert rates["val harmless by group"] == {"ordinary": 0.0, "contrast": 1.0}
+    assert rates["val harmful"] == 0.0
+    assert rates["voice-val harmful by group"]["terse"] == 1.0
+    assert rates["voice-val harmful by group"]["academic"] == 0.0
+    assert rates["voice-val harmful"] == pytest.approx(1 / 6)

@@ -87,21 +87,23 @@ class SafetyTuningConfig:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
-    """Rank 16 on the three MLP projections (recipe ``half-mlp-r16-lr2-hw3``, shipped since 2026-12-04). Against
+    """Rank 16 on the three MLP projections (recipe ``half-mlp-r16-lr2-hw3``, shipped 2026-12-04 to 12-07). Against
     the earlier default, rank 8 on ``q_proj``/``v_proj``/``down_proj`` (``half-qvd-r8-lr2-hw3``), it refuses more
     harmful requests (test 0.94 vs 0.88, style-shift 0.97 vs 0.90, all 200 HarmBench behaviours 0.70 vs 0.48), over-refuses about
     as much, and its direction steers more and costs less text loss when ablated; see the recipe table."""
     lora_depth: float = 0.5
     """LoRA matrices go into the first ``round(lora_depth · n_layers)`` blocks (1.0: every block).
-    The default is the first half (blocks 0–14 of the embedded model's 30). The upper half stays
+    The default is the first half (blocks up to 14 of the embedded model's 30; see ``lora_first_block``). The upper half stays
     frozen, so the refusal decision must be written into the residual stream at mid depth and read
     by the base model's own upper layers. With LoRA in every block (recipe ``all-qvd-r8-lr2-hw3`` in
     ``helpers/data/refusal/safety_recipes.md``) ablation still bypasses refusal, but no candidate
     direction comes as close to the KL filter (lowest val KL 0.36 against 0.20–0.21 for the lower half)."""
-    lora_first_block: int = 0
-    """The lowest block that gets LoRA matrices (0: from the bottom). With ``lora_depth`` 0.5 and 8, the blocks
-    8–14 of 30: the adapter then reads the representations that the base model has built by mid depth, not the
-    token-level ones of the first blocks."""
+    lora_first_block: int = 8
+    """The lowest block that gets LoRA matrices (0: from the bottom). The default, with ``lora_depth`` 0.5: blocks
+    8–14 of the embedded model's 30 (recipe ``mid8-mlp-r16-lr2-hw3``, shipped since 2026-12-07), chosen by the rule
+    of ``scripts/safety_recipes.py`` on the selection sets only (val split + ``voice_val.jsonl``): against LoRA in
+    blocks 0–14 it refuses as many harmful requests there (0.92 / 0.92 against 0.94 / 0.93) and fewer harmless
+    ones (0.21 / 0.33 against 0.26 / 0.43)."""
     full_blocks: tuple[int, ...] = ()
     """Empty (the default): LoRA. Otherwise **full fine-tuning** of ``target_modules`` in these blocks:
     their whole weight matrices train and nothing else does (``rank``, ``alpha``, ``dropout`` and
@@ -694,7 +696,7 @@ class SafetyTuningReport:
         depth = self.config.get("lora_depth", 1.0)
         first = self.config.get("lora_first_block", 0)
         if first:
-            return f"blocks {first} up to the first {depth:.0%} of the blocks"
+            return f"the first {depth:.0%} of the blocks, from block {first} on"
         return "every block" if depth >= 1 else f"the first {depth:.0%} of the blocks"
 
     def to_markdown(self) -> str:
@@ -853,4 +855,34 @@ def _refusal_rates(hf_model: Any, tokenizer: Any, sets: dict[str, dict[str, Sequ
             replies = hf_generate_greedy(hf_model, tokenizer, sides[kind], max_new_tokens=new_tokens,
                                          desc=f"{label} {kind} {set_name}")
             rates[f"{kind} {set_name}"] = sum(map(is_refusal, replies)) / len(replies)
+    return rates
+
+
+def selection_refusal_rates(hf_model: Any, tokenizer: Any, *, new_tokens: int = 32) -> dict[str, Any]:
+    """Refusal rates (substring judge, greedy) on the **selection** sets only: the val split and ``voice_val.jsonl``.
+
+    Recipes are chosen on these, never on the test split or the style-shift set. Returns ``"<set> <kind>"`` rates
+    (``"val harmful"``, ``"voice-val harmless"``, …) and, under ``"<set> <kind> by group"``, the rate per group:
+    ordinary / contrast for harmless requests, the voice for voice-val harmful requests.
+    """
+    from helpers.studies.refusal.data import load_split_requests, load_voice_val_requests
+
+    val = load_split_requests()["val"]
+    voice = load_voice_val_requests()
+    sets = {
+        "val harmful": [(r.text, "ordinary") for r in val["harmful"]],
+        "val harmless": [(r.text, "contrast" if r.contrast else "ordinary") for r in val["harmless"]],
+        "voice-val harmful": [(r.text, r.style) for r in voice if r.kind == "harmful"],
+        "voice-val harmless": [(r.text, "contrast" if r.contrast else "ordinary") for r in voice if r.kind == "harmless"],
+    }
+    rates: dict[str, Any] = {}
+    for name, items in sets.items():
+        replies = hf_generate_greedy(hf_model, tokenizer, [text for text, _ in items], max_new_tokens=new_tokens,
+                                     desc=name)
+        flags = [is_refusal(reply) for reply in replies]
+        rates[name] = sum(flags) / len(flags)
+        groups: dict[str, list[bool]] = {}
+        for (_, group), flag in zip(items, flags):
+            groups.setdefault(group, []).append(flag)
+        rates[f"{name} by group"] = {group: sum(v) / len(v) for group, v in groups.items()}
     return rates
