@@ -54,16 +54,16 @@ STUDIES = [
                 "logit difference but its S-inhibition head attends END→S2 only 0.24 and the run stops there"),
     dict(notebook="03_refusal_direction", study="Refusal is mediated by a single direction",
          paper="Arditi et al. 2024 (+ ACE, Marshall et al. 2024)", paper_model="Gemma-2B-it (Qwen-1.8B-chat by one parameter)",
-         embedded_model="SmolLM2-135M-Instruct + project LoRA safety tuning (lower half of the blocks)",
-         runtime_embedded="17.5 min (2 threads, alone; 2026-12-04)",
-         runtime_ci="5.0 min, 1 thread, beside one other 1-thread run (2026-12-04)",
+         embedded_model="SmolLM2-135M-Instruct + project LoRA safety tuning (blocks 8–14 of 30)",
+         runtime_embedded="20.3 min (2 threads, alone; 2026-12-07)",
+         runtime_ci="3.6 min (2 threads, alone; 2026-12-07)",
          status="partly reproduced on the safety-tuned embedded model; every assertion holds. Embedded run (50 test + "
-                "35 style-shift prompts per side, 48 HarmBench behaviours): tuned harmful refusal 0.92 / 0.97 / 0.69; "
-                "ablating r leaves 0.02 / 0.06 / 0.04, ACE 0.12 / 0.06 / 0.08; adding r makes harmless prompts refuse "
-                "0.16 → 0.82 (test), 0.54 → 0.94 (style-shift), ACE steering 0.90 / 0.97. Not reproduced: the KL ≤ 0.1 "
-                "filter (no steering candidate passes; chosen 0.316), low over-refusal (0.16 test, of which contrast "
-                "requests 0.40; 0.54 style-shift), refusal of HarmBench's phrasing, capabilities (harmless KL 0.29, "
-                "Wikipedia loss +4.6%, under the assertion's 5% but far above the paper's +0.6%)"),
+                "35 style-shift prompts per side, 48 HarmBench behaviours): tuned harmful refusal 0.94 / 1.00 / 0.67; "
+                "ablating r leaves 0.12 / 0.03 / 0.02, ACE 0.02 / 0.03 / 0.00; adding r makes harmless prompts refuse "
+                "0.10 → 0.70 (test), 0.54 → 0.89 (style-shift), ACE steering 0.72 / 0.91; Wikipedia loss +1.3% under "
+                "ablation (ACE +2.7%; the paper's Qwen-1.8B +0.6%). Not reproduced: the KL ≤ 0.1 filter (no steering "
+                "candidate passes; chosen 0.394), low over-refusal (0.10 test, of which contrast requests 0.27; 0.54 "
+                "style-shift), refusal of HarmBench's phrasing, harmless KL under ablation (0.37)"),
     dict(notebook="04_entropy_neurons", study="Entropy & token-frequency neurons",
          paper="Stolfo et al. 2024", paper_model="GPT-2 small", embedded_model="SmolLM2-135M-Instruct",
          runtime_embedded="22.4 min (beside one other run, 1 thread; 2026-12-02); Gemma-3-270M 103.2 min (2 threads)", runtime_ci="0.8–1.1 min [≈1] before the induction/BOS sections",

@@ -255,8 +255,9 @@ def table_text(folder: Path = SHIPPED) -> str:
               "(`safety_tuning.sample_user_requests`); they are in the model's own voice, not this project's or the "
               "style-shift set's.",
               "", "HarmBench columns show \"—\" for recipes evaluated before HarmBench was added to the evaluation. On all "
-              "200 HarmBench standard behaviours the shipped adapter refuses 0.70 "
-              "(`helpers/data/refusal/adapter_refusal_by_group.json`), the one shipped before it (half-qvd-r8-lr2-hw3) 0.48.",
+              "200 HarmBench standard behaviours the shipped adapter refuses 0.665 "
+              "(`helpers/data/refusal/adapter_refusal_by_group.json`, 2026-12-07), the ones shipped before it 0.70 "
+              "(half-mlp-r16-lr2-hw3) and 0.48 (half-qvd-r8-lr2-hw3).",
               "", f"The shipped adapter is `make safety-adapter`'s output with {SHIPPED_RECIPE}'s settings (2026-12-07, 1 "
               "thread, alone on the machine). Its regenerated training data was byte for byte the file the recipe runs "
               f"reuse, so {SHIPPED_RECIPE}'s row above is that run's adapter and report, evaluated (no separate recipe "

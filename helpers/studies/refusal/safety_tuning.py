@@ -12,7 +12,7 @@ needs one. This module gives it one with the standard tool, a LoRA adapter (``pe
   mixed makes refusal a function of the input — the model must *detect* harmfulness — rather than a
   blanket change of style; the harmless half also keeps the model's helpful behaviour in place.
 * **Training** (:func:`train_lora`): a rank-``r`` LoRA on a few projection matrices of the blocks in
-  the lower half of the model (``SafetyTuningConfig.lora_depth``), cross-entropy on the response
+  the middle of the model (blocks 8–14 of 30: ``SafetyTuningConfig.lora_first_block`` and ``lora_depth``), cross-entropy on the response
   tokens only, AdamW, fixed seed, a few hundred examples — minutes on a CPU.
 * **Use** (:func:`load_safety_tuned_model`): the shipped adapter (``helpers/data/refusal/adapter``)
   is merged into the weights and the merged model is wrapped in a ``TransformerBridge``, so hooks
