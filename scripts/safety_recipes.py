@@ -10,6 +10,7 @@ copies (``build/`` is not committed: a fresh checkout that evaluates one recipe 
 
     python scripts/safety_recipes.py                    # every recipe not yet evaluated
     python scripts/safety_recipes.py half-qvd-r8 all-qvd-r8
+    python scripts/safety_recipes.py --screen mid8-mlp-r16-lr2-hw3   # selection sets only (val + voice_val)
 """
 
 from __future__ import annotations
@@ -286,6 +287,8 @@ def main() -> None:
     parser.add_argument("--eval-threads", type=int, default=2, help="torch threads of the evaluation (training: 1)")
     args = parser.parse_args()
     if args.screen:
+        if not args.recipes:
+            raise SystemExit("--screen needs the recipes to screen, e.g. --screen mid8-mlp-r16-lr2-hw3")
         for name in args.recipes:
             if name not in RECIPES:
                 raise SystemExit(f"unknown recipe {name!r}; choose from {list(RECIPES)}")
