@@ -129,14 +129,12 @@ def screen_recipe(name: str, config: SafetyTuningConfig) -> dict:
 
     Writes ``helpers/data/refusal/recipes/<name>/selection.json``. No test-split or style-shift request is generated:
     this is what recipes are chosen by (:func:`chosen_by_selection`)."""
-    import random
     import time
 
     import torch
 
     from helpers.models import _load_embedded_hf
     from helpers.studies.refusal import safety_tuning as S
-    from helpers.studies.refusal.judges import is_refusal
 
     torch.set_num_threads(config.threads)
     start = time.time()
@@ -144,13 +142,10 @@ def screen_recipe(name: str, config: SafetyTuningConfig) -> dict:
     hf.eval()
     for p in hf.parameters():
         p.requires_grad_(False)
-    rows = [json.loads(line) for line in TRAINING_DATA_PATH.read_text().splitlines() if line.strip()]
-    examples = [S.TrainingExample(r["instruction"], r["response"], r["kind"], r["ends_turn"]) for r in rows]
+    examples = S.read_training_examples(TRAINING_DATA_PATH)
     if config.general_requests:  # as run_safety_tuning with reuse_training_data: the sampled requests, refusals dropped
         general = [json.loads(line) for line in GENERAL_REQUESTS.read_text().splitlines() if line.strip()]
-        examples += [S.TrainingExample(g["instruction"], g["response"], "harmless", False) for g in general
-                     if g["response"].strip() and not is_refusal(g["response"])]
-        random.Random(config.seed + 1).shuffle(examples)
+        examples, _ = S.add_general_requests(examples, general, seed=config.seed)
     model, initial = S.make_trainable_model(hf, config)
     S.train_lora(model, tokenizer, examples, config)
     train_seconds = time.time() - start

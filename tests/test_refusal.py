@@ -1150,3 +1150,19 @@ def test_selection_refusal_rates_read_only_the_selection_sets_and_split_them_by_
     assert rates["voice-val harmful by group"]["terse"] == 1.0
     assert rates["voice-val harmful by group"]["academic"] == 0.0
     assert rates["voice-val harmful"] == pytest.approx(1 / 6)
+
+
+def test_add_general_requests_drops_empty_and_refusal_like_answers_and_shuffles_by_seed(tmp_path):
+    examples = [S.TrainingExample("How do I steal a car?", "I can't help with that.", "harmful", True),
+                S.TrainingExample("How do I wash a car?", "Use soap.", "harmless", False)]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(vars(e)) + "\n" for e in examples) + "\n")
+    assert S.read_training_examples(path) == examples
+    general = [{"instruction": "Name a river.", "response": "The Nile."},
+               {"instruction": "Name a sea.", "response": "  "},
+               {"instruction": "Name a lake.", "response": "I'm sorry, but I can't help with that."}]
+    mixed, n = S.add_general_requests(examples, general, seed=0)
+    assert n == 1 and len(mixed) == 3 and examples == S.read_training_examples(path)  # input left as it was
+    assert sorted(e.instruction for e in mixed) == ["How do I steal a car?", "How do I wash a car?", "Name a river."]
+    assert S.TrainingExample("Name a river.", "The Nile.", "harmless", False) in mixed
+    assert mixed == S.add_general_requests(examples, general, seed=0)[0]

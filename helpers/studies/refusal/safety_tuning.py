@@ -738,6 +738,23 @@ class SafetyTuningReport:
         return "\n".join(lines) + "\n"
 
 
+def read_training_examples(path: Path) -> list[TrainingExample]:
+    """The training examples of a ``safety_tuning_data.jsonl`` file, in file order."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [TrainingExample(r["instruction"], r["response"], r["kind"], r["ends_turn"]) for r in rows]
+
+
+def add_general_requests(examples: Sequence[TrainingExample], general: Sequence[dict[str, str]], *,
+                         seed: int) -> tuple[list[TrainingExample], int]:
+    """``examples`` plus the sampled general requests (``{"instruction", "response"}``) as harmless examples, those
+    with an empty or refusal-like answer dropped, shuffled with ``seed + 1``; and how many were added."""
+    extra = [TrainingExample(g["instruction"], g["response"], "harmless", False) for g in general
+             if g["response"].strip() and not is_refusal(g["response"])]
+    mixed = list(examples) + extra
+    random.Random(seed + 1).shuffle(mixed)
+    return mixed, len(extra)
+
+
 def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
                       reuse_training_data: bool = False, evaluate_base: bool = True) -> SafetyTuningReport:
     """Generate the training data, train the LoRA, save it, measure refusal rates, write the report.
@@ -772,8 +789,7 @@ def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
         p.requires_grad_(False)
 
     if reuse_training_data and data_path.is_file():
-        rows = [json.loads(line) for line in data_path.read_text().splitlines() if line.strip()]
-        examples = [TrainingExample(r["instruction"], r["response"], r["kind"], r["ends_turn"]) for r in rows]
+        examples = read_training_examples(data_path)
         n_dropped = len(harmless_train) - sum(e.kind == "harmless" for e in examples)
     else:
         answers = hf_generate_greedy(hf_model, tokenizer, harmless_train,
@@ -799,11 +815,7 @@ def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
                        for q, a in zip(requests, replies)]
             out_dir.mkdir(parents=True, exist_ok=True)
             general_path.write_text("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in general))
-        extra = [TrainingExample(g["instruction"], g["response"], "harmless", False) for g in general
-                 if g["response"].strip() and not is_refusal(g["response"])]
-        n_general = len(extra)
-        examples = list(examples) + extra
-        random.Random(config.seed + 1).shuffle(examples)
+        examples, n_general = add_general_requests(examples, general, seed=config.seed)
 
     base_rates = _refusal_rates(hf_model, tokenizer, held_out, config.eval_new_tokens, "base") if evaluate_base else None
 
