@@ -63,6 +63,14 @@ RECIPES: dict[str, tuple[str, SafetyTuningConfig]] = {
                                       learning_rate=3e-3)),
     "mid8-mlp-r16-lr2-hw3-gen300": ("as mid8-mlp-r16-lr2-hw3, plus the general requests of half-qvd-r8-lr2-hw3-gen300",
                                     replace(MLP16, lora_first_block=8, general_requests=300)),
+    "mid8-mlp-r16-lr2-hw1.75-gen300": ("as mid8-mlp-r16-lr2-hw3-gen300, harmless weight 1.75: the harmless side's total loss "
+                                       "weight (520 examples × 1.75) back to mid8-mlp-r16-lr2-hw3's (301 × 3)",
+                                       replace(MLP16, lora_first_block=8, general_requests=300, harmless_weight=1.75)),
+    "mid8-mlp-r16-lr2-hw2.25-gen300": ("as mid8-mlp-r16-lr2-hw3-gen300, harmless weight 2.25 (between the two above)",
+                                       replace(MLP16, lora_first_block=8, general_requests=300, harmless_weight=2.25)),
+    "mid8-mlp-r16-lr2-hw3-voice": ("as mid8-mlp-r16-lr2-hw3, plus voice_train.jsonl: 120 + 120 requests in six further voices "
+                                   "(neither the style-shift set's nor voice-val's)",
+                                   replace(MLP16, lora_first_block=8, voice_train=True)),
 }
 SHIPPED_RECIPE = "mid8-mlp-r16-lr2-hw3"  # SafetyTuningConfig()'s defaults: what `make safety-adapter` trains
 OUT = ROOT / "build" / "recipes"
@@ -143,6 +151,9 @@ def screen_recipe(name: str, config: SafetyTuningConfig) -> dict:
     for p in hf.parameters():
         p.requires_grad_(False)
     examples = S.read_training_examples(TRAINING_DATA_PATH)
+    if config.voice_train:  # as run_safety_tuning: the base model answers voice_train.jsonl's harmless requests
+        voice = S.voice_training_examples(hf, tokenizer, config, path=OUT / name / S.VOICE_DATA_NAME)
+        examples = S.mix_examples(examples, voice, seed=config.seed + 2)
     if config.general_requests:  # as run_safety_tuning with reuse_training_data: the sampled requests, refusals dropped
         general = [json.loads(line) for line in GENERAL_REQUESTS.read_text().splitlines() if line.strip()]
         examples, _ = S.add_general_requests(examples, general, seed=config.seed)

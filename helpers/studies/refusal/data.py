@@ -17,6 +17,9 @@ The sets (``helpers/data/refusal/``, documented in its ``README.md``):
 * ``voice_val.jsonl`` — a *selection* set in six further voices (academic, childlike, terse, forum,
   sarcastic, verbose-polite), none of them the style-shift set's: safety-tuning recipes are compared
   on it and on the val split, so that the choice of recipe never looks at a test set.
+* ``voice_train.jsonl`` — *training* requests in six more voices (email, format constraints, corporate,
+  on behalf of someone, multi-part, enthusiastic), none of them the style-shift set's or voice-val's, for
+  recipes that train on more than the main set's voice (``SafetyTuningConfig.voice_train``).
 
 Splits (:func:`split_requests`) are by request, stratified by side and category, with every group
 of near-duplicates (:func:`near_duplicate_groups`) kept inside one split, so that no test request
@@ -40,6 +43,7 @@ HARMFUL_PATH = DATA_DIR / "harmful.jsonl"
 HARMLESS_PATH = DATA_DIR / "harmless.jsonl"
 STYLE_SHIFT_PATH = DATA_DIR / "style_shift.jsonl"
 VOICE_VAL_PATH = DATA_DIR / "voice_val.jsonl"
+VOICE_TRAIN_PATH = DATA_DIR / "voice_train.jsonl"
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 KINDS: tuple[str, ...] = ("harmful", "harmless")
@@ -123,6 +127,11 @@ def load_style_shift(path: Path | str = STYLE_SHIFT_PATH) -> dict[str, list[str]
 
 def load_voice_val_requests(path: Path | str = VOICE_VAL_PATH) -> list[Request]:
     """The voice-validation set (both sides; selection only, never training), in file order."""
+    return load_style_shift_requests(path)
+
+
+def load_voice_train_requests(path: Path | str = VOICE_TRAIN_PATH) -> list[Request]:
+    """The voice-training set (both sides; training only, never selection or evaluation), in file order."""
     return load_style_shift_requests(path)
 
 

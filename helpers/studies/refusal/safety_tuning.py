@@ -46,6 +46,8 @@ WEIGHT_DELTA_FILE = "weight_delta.safetensors"
 
 TRAINING_DATA_PATH = DATA_DIR / "safety_tuning_data.jsonl"
 GENERAL_DATA_NAME = "general_requests.jsonl"
+VOICE_DATA_NAME = "voice_training_data.jsonl"
+"""The voice-training examples (``SafetyTuningConfig.voice_train``), written next to the main training data."""
 """File (next to the training data) of the sampled general requests and the base model's answers."""
 REPORT_JSON_PATH = DATA_DIR / "safety_tuning_report.json"
 REPORT_MD_PATH = DATA_DIR / "safety_tuning_report.md"
@@ -150,9 +152,15 @@ class SafetyTuningConfig:
     The blocks above are frozen, so a harmless request whose residual stream is anchored is processed
     exactly as by the base model: the adapter is asked to act on harmful requests only, instead of
     shifting every request and relying on the harmless answers to undo the shift at the output."""
+    voice_train: bool = False
+    """Also train on ``voice_train.jsonl`` (:func:`voice_training_examples`): 120 harmful and 120 harmless requests
+    in six voices that neither the main set, the style-shift set nor the voice-validation set uses (email, format
+    constraints, corporate, on behalf of someone, multi-part, enthusiastic); harmful → refusals, harmless → the
+    base model's own answers, weighted like the main set's. The main set is written in one voice, so an adapter
+    trained on it alone can key refusal on phrasing as well as on what is asked."""
 
 
-FIELDS_ADDED_LATER: dict[str, Any] = {"anchor_weight": 0.0, "lora_first_block": 0}
+FIELDS_ADDED_LATER: dict[str, Any] = {"anchor_weight": 0.0, "lora_first_block": 0, "voice_train": False}
 """:class:`SafetyTuningConfig` fields added after some shipped training reports were written, each with the
 value that trains exactly as the code did before the field existed (``anchor_weight`` 0: no anchoring loss,
 the same computation step for step). :func:`config_from_report` fills them in where a report lacks them."""
@@ -684,6 +692,9 @@ class SafetyTuningReport:
     versions: dict[str, str] = field(default_factory=dict)
     n_general: int = 0
     """General requests sampled from the base model (Magpie) and answered by it, mixed in."""
+    n_voice_harmful: int = 0
+    n_voice_harmless: int = 0
+    """Voice-training examples (``voice_train.jsonl``) mixed in, per side (not counted in ``n_train_*``)."""
 
     def _method(self) -> str:
         if self.config.get("full_blocks"):
@@ -716,7 +727,9 @@ class SafetyTuningReport:
             f"{self.n_train_harmless} harmless train instructions → the base model's own greedy answers "
             f"({self.config['harmless_answer_tokens']} tokens; {self.n_dropped_harmless} dropped as refusal-like)"
             + (f"; {self.n_general} general requests sampled from the base model itself (Magpie) → its own greedy "
-               f"answers" if self.n_general else "") + ".",
+               f"answers" if self.n_general else "")
+            + (f"; {self.n_voice_harmful} harmful and {self.n_voice_harmless} harmless requests in six further voices "
+               f"(`voice_train.jsonl`) → refusals / the base model's own answers" if self.n_voice_harmful else "") + ".",
             f"Loss: first step {self.losses[0]:.3f}, mean of last 10 steps {sum(self.losses[-10:]) / len(self.losses[-10:]):.3f}.",
             f"Training took {self.train_seconds:.0f} s, the whole script {self.total_seconds:.0f} s, "
             f"with {self.torch_threads} torch threads on CPU. Adapter file: {self.adapter_bytes / 1e6:.2f} MB "
@@ -753,6 +766,36 @@ def add_general_requests(examples: Sequence[TrainingExample], general: Sequence[
     mixed = list(examples) + extra
     random.Random(seed + 1).shuffle(mixed)
     return mixed, len(extra)
+
+
+def voice_training_examples(hf_model: Any, tokenizer: Any, config: SafetyTuningConfig, *,
+                            path: Path | None = None, reuse: bool = False) -> list[TrainingExample]:
+    """The ``voice_train.jsonl`` requests as training examples (:func:`build_training_examples`, seed + 2): harmful →
+    refusals, harmless → ``hf_model``'s own greedy answers. Read from ``path`` when ``reuse`` and it exists;
+    otherwise generated, and written to ``path`` when one is given."""
+    from helpers.studies.refusal.data import load_voice_train_requests
+
+    if reuse and path is not None and Path(path).is_file():
+        return read_training_examples(path)
+    requests = load_voice_train_requests()
+    harmful = [r.text for r in requests if r.kind == "harmful"]
+    harmless = [r.text for r in requests if r.kind == "harmless"]
+    answers = hf_generate_greedy(hf_model, tokenizer, harmless, max_new_tokens=config.harmless_answer_tokens,
+                                 desc="voice-train answers")
+    answers = [truncate_to_tokens(tokenizer, a, config.harmless_answer_tokens) for a in answers]
+    examples = build_training_examples(harmful, harmless, answers, seed=config.seed + 2)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text("".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in examples))
+    return examples
+
+
+def mix_examples(examples: Sequence[TrainingExample], extra: Sequence[TrainingExample], *,
+                 seed: int) -> list[TrainingExample]:
+    """``examples`` and ``extra`` in one list, shuffled with ``seed`` (the inputs are left as they were)."""
+    mixed = list(examples) + list(extra)
+    random.Random(seed).shuffle(mixed)
+    return mixed
 
 
 def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
@@ -800,6 +843,12 @@ def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
         out_dir.mkdir(parents=True, exist_ok=True)
         data_path.write_text("".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in examples))
 
+    voice: list[TrainingExample] = []
+    if config.voice_train:
+        voice = voice_training_examples(hf_model, tokenizer, config, path=out_dir / VOICE_DATA_NAME,
+                                        reuse=reuse_training_data)
+        examples = mix_examples(examples, voice, seed=config.seed + 2)
+
     n_general = 0
     if config.general_requests:
         general_path = out_dir / GENERAL_DATA_NAME
@@ -838,9 +887,11 @@ def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
 
     report = SafetyTuningReport(
         config={**asdict(config), "target_modules": list(config.target_modules), "full_blocks": list(config.full_blocks)},
-        n_train_harmful=sum(e.kind == "harmful" for e in examples),
-        n_train_harmless=sum(e.kind == "harmless" for e in examples) - n_general,
+        n_train_harmful=sum(e.kind == "harmful" for e in examples) - sum(e.kind == "harmful" for e in voice),
+        n_train_harmless=sum(e.kind == "harmless" for e in examples) - n_general - sum(e.kind == "harmless" for e in voice),
         n_general=n_general,
+        n_voice_harmful=sum(e.kind == "harmful" for e in voice),
+        n_voice_harmless=sum(e.kind == "harmless" for e in voice),
         n_dropped_harmless=n_dropped,
         steps=len(losses),
         losses=[round(v, 4) for v in losses],
