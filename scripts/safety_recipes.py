@@ -71,6 +71,10 @@ RECIPES: dict[str, tuple[str, SafetyTuningConfig]] = {
     "mid8-mlp-r16-lr2-hw3-voice": ("as mid8-mlp-r16-lr2-hw3, plus voice_train.jsonl: 120 + 120 requests in six further voices "
                                    "(neither the style-shift set's nor voice-val's)",
                                    replace(MLP16, lora_first_block=8, voice_train=True)),
+    "mid8-mlp-r16-lr2-hw2-gen300-voice": ("as mid8-mlp-r16-lr2-hw3-voice, plus the general requests of "
+                                          "half-qvd-r8-lr2-hw3-gen300, harmless weight 2",
+                                          replace(MLP16, lora_first_block=8, voice_train=True, general_requests=300,
+                                                  harmless_weight=2.0)),
 }
 SHIPPED_RECIPE = "mid8-mlp-r16-lr2-hw3"  # SafetyTuningConfig()'s defaults: what `make safety-adapter` trains
 OUT = ROOT / "build" / "recipes"
