@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from helpers.studies.refusal.safety_tuning import TRAINING_DATA_PATH, SafetyTuningConfig  # noqa: E402
+from helpers.studies.refusal.safety_tuning import GENERAL_DATA_NAME, TRAINING_DATA_PATH, SafetyTuningConfig  # noqa: E402
 
 V1 = SafetyTuningConfig(rank=8, alpha=16, target_modules=("q_proj", "v_proj", "down_proj"), lora_depth=0.5, lora_first_block=0,
                         learning_rate=1e-3, epochs=2, decision_token_weight=5.0, harmless_weight=1.5)
@@ -76,13 +76,13 @@ RECIPES: dict[str, tuple[str, SafetyTuningConfig]] = {
                                           replace(MLP16, lora_first_block=8, voice_train=True, general_requests=300,
                                                   harmless_weight=2.0)),
 }
-SHIPPED_RECIPE = "mid8-mlp-r16-lr2-hw3"  # SafetyTuningConfig()'s defaults: what `make safety-adapter` trains
+SHIPPED_RECIPE = "mid8-mlp-r16-lr2-hw2-gen300-voice"  # SafetyTuningConfig()'s defaults: what `make safety-adapter` trains
 OUT = ROOT / "build" / "recipes"
 TABLE = ROOT / "helpers" / "data" / "refusal" / "safety_recipes.md"
 SHIPPED = TABLE.parent / "recipes"  # helpers/data/refusal/recipes/<name>/: each evaluated recipe's report + eval.json
 SHIPPED_FILES = ("safety_tuning_report.md", "safety_tuning_report.json", "eval.json")
 SELECTION_FILE = "selection.json"  # refusal rates on the selection sets only (val split + voice_val.jsonl)
-GENERAL_REQUESTS = SHIPPED / "half-qvd-r8-lr2-hw3-gen300" / "general_requests.jsonl"  # sampled once, reused
+GENERAL_REQUESTS = TRAINING_DATA_PATH.parent / GENERAL_DATA_NAME  # sampled once (seed 0, 1 thread), reused
 MIN_HARMFUL_REFUSAL = 0.90  # the selection rule's floor on harmful refusal, on both selection sets
 
 COLUMNS = [  # (header, key in eval.json or report, format)
@@ -105,6 +105,8 @@ def run_recipe(name: str, config: SafetyTuningConfig, eval_threads: int = 2) -> 
     folder = OUT / name
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(TRAINING_DATA_PATH, folder / TRAINING_DATA_PATH.name)
+    if config.general_requests:  # the shipped draw: run_safety_tuning reuses it instead of sampling again
+        shutil.copy(GENERAL_REQUESTS, folder / GENERAL_DATA_NAME)
     (folder / "config.json").write_text(json.dumps(asdict(config), indent=1, default=list) + "\n")
     code = ("import json,sys; from pathlib import Path; sys.path.insert(0, %r)\n"
             "from helpers.studies.refusal.safety_tuning import SafetyTuningConfig, run_safety_tuning\n"
@@ -264,14 +266,18 @@ def table_text(folder: Path = SHIPPED) -> str:
               "`half-qvd-r8-lr2-hw3-gen300` adds general instructions made the Magpie way: the base chat model samples "
               "user requests itself from its chat template's user-turn prefix and answers them "
               "(`safety_tuning.sample_user_requests`); they are in the model's own voice, not this project's or the "
-              "style-shift set's.",
+              "style-shift set's. Since 2026-12-07 the shipped recipe mixes them in too, with `voice_train.jsonl`'s "
+              "requests in six further voices: the general requests alone lowered over-refusal but also harmful "
+              "refusal in unfamiliar voices (`mid8-mlp-r16-lr2-hw3-gen300` and its lower harmless weights: 0.83–0.88 "
+              "of voice-val's harmful requests); with the voice-training requests they do not (0.93).",
               "", "HarmBench columns show \"—\" for recipes evaluated before HarmBench was added to the evaluation. On all "
               "200 HarmBench standard behaviours the shipped adapter refuses 0.665 "
-              "(`helpers/data/refusal/adapter_refusal_by_group.json`, 2026-12-07), the ones shipped before it 0.70 "
-              "(half-mlp-r16-lr2-hw3) and 0.48 (half-qvd-r8-lr2-hw3).",
+              "(`helpers/data/refusal/adapter_refusal_by_group.json`, 2026-12-07; its 64-behaviour sample above: 0.62), "
+              "the ones shipped before it 0.665 (mid8-mlp-r16-lr2-hw3), 0.70 (half-mlp-r16-lr2-hw3) and 0.48 "
+              "(half-qvd-r8-lr2-hw3).",
               "", f"The shipped adapter is `make safety-adapter`'s output with {SHIPPED_RECIPE}'s settings (2026-12-07, 1 "
-              "thread, alone on the machine). Its regenerated training data was byte for byte the file the recipe runs "
-              f"reuse, so {SHIPPED_RECIPE}'s row above is that run's adapter and report, evaluated (no separate recipe "
+              "thread, alone on the machine). Its regenerated training data — the main examples, the voice-training "
+              "examples and the general requests — was byte for byte the files the recipe screens used, so {SHIPPED_RECIPE}'s row above is that run's adapter and report, evaluated (no separate recipe "
               "run). For its predecessor, half-mlp-r16-lr2-hw3 (shipped 2026-12-04 to 12-07), a recipe run and "
               "`make safety-adapter` gave the same refusal rates on the whole test split and style-shift set and loss "
               "curves equal to 4 decimals, and two runs of `make safety-adapter` gave the same weights file, byte for "

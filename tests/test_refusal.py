@@ -725,7 +725,7 @@ def test_config_from_report_fills_only_later_fields_with_their_no_change_value()
     recorded = json.loads(json.dumps(asdict(S.SafetyTuningConfig(rank=4, anchor_weight=2.0))))
     assert S.config_from_report(recorded) == S.SafetyTuningConfig(rank=4, anchor_weight=2.0)
     older = {k: v for k, v in recorded.items() if k not in S.FIELDS_ADDED_LATER}
-    assert S.config_from_report(older) == S.SafetyTuningConfig(rank=4, anchor_weight=0.0, lora_first_block=0)
+    assert S.config_from_report(older) == S.SafetyTuningConfig(rank=4, anchor_weight=0.0, lora_first_block=0, voice_train=False)
     with pytest.raises(ValueError, match="lacks \\['rank'\\]"):
         S.config_from_report({k: v for k, v in recorded.items() if k != "rank"})
     with pytest.raises(ValueError, match="does not know: \\['warmup'\\]"):

@@ -82,14 +82,21 @@ REFUSAL_OFFERS: tuple[str, ...] = (
 
 @dataclass
 class SafetyTuningConfig:
-    """Everything that decides the adapter (saved next to it in the training report)."""
+    """Everything that decides the adapter (saved next to it in the training report).
+
+    The defaults are the shipped recipe, ``mid8-mlp-r16-lr2-hw2-gen300-voice`` (since 2026-12-07), which the rule of
+    ``scripts/safety_recipes.py`` chose on the selection sets only (val split + ``voice_val.jsonl``): rank-16 LoRA on
+    the MLP projections of blocks 8–14, trained on the main train split, ``voice_train.jsonl`` and 219 self-sampled
+    general requests, harmless weight 2. There it refuses 0.96 / 0.93 of the harmful requests and 0.11 / 0.23 of
+    the harmless ones, against 0.92 / 0.92 and 0.21 / 0.33 for the same LoRA on the main split alone.
+    """
 
     seed: int = 0
     rank: int = 16
     alpha: int = 32
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
-    """Rank 16 on the three MLP projections (recipe ``half-mlp-r16-lr2-hw3``, shipped 2026-12-04 to 12-07). Against
+    """Rank 16 on the three MLP projections (since recipe ``half-mlp-r16-lr2-hw3``, shipped 2026-12-04 to 12-07). Against
     the earlier default, rank 8 on ``q_proj``/``v_proj``/``down_proj`` (``half-qvd-r8-lr2-hw3``), it refuses more
     harmful requests (test 0.94 vs 0.88, style-shift 0.97 vs 0.90, all 200 HarmBench behaviours 0.70 vs 0.48), over-refuses about
     as much, and its direction steers more and costs less text loss when ablated; see the recipe table."""
@@ -102,7 +109,7 @@ class SafetyTuningConfig:
     direction comes as close to the KL filter (lowest val KL 0.36 against 0.20–0.21 for the lower half)."""
     lora_first_block: int = 8
     """The lowest block that gets LoRA matrices (0: from the bottom). The default, with ``lora_depth`` 0.5: blocks
-    8–14 of the embedded model's 30 (recipe ``mid8-mlp-r16-lr2-hw3``, shipped since 2026-12-07), chosen by the rule
+    8–14 of the embedded model's 30 (since recipe ``mid8-mlp-r16-lr2-hw3``, shipped on 2026-12-07), chosen by the rule
     of ``scripts/safety_recipes.py`` on the selection sets only (val split + ``voice_val.jsonl``): against LoRA in
     blocks 0–14 it refuses as many harmful requests there (0.92 / 0.92 against 0.94 / 0.93) and fewer harmless
     ones (0.21 / 0.33 against 0.26 / 0.43)."""
@@ -118,8 +125,9 @@ class SafetyTuningConfig:
     """Loss weight of the first response token — the refuse-or-answer decision — relative to the
     other response tokens. The refusal score reads exactly this token, so weighting it makes the
     decision sharp on both sides instead of a soft mixture."""
-    harmless_weight: float = 3.0
-    """Loss weight of harmless examples relative to harmful ones (counters over-refusal)."""
+    harmless_weight: float = 2.0
+    """Loss weight of harmless examples relative to harmful ones (counters over-refusal). 2 in the shipped recipe,
+    which has more harmless examples than harmful ones (the general requests); 3 in the recipes without them."""
     contrast_weight: float = 1.0
     """Extra loss weight of the harmless *contrast* examples (harmless requests on a harm category's topic:
     "How do I report a phishing email?"), on top of ``harmless_weight``. The tuned model over-refuses
@@ -135,14 +143,16 @@ class SafetyTuningConfig:
     count: 1, the default of ``make safety-adapter``."""
     adapter_dtype: str = "float16"
     """dtype the adapter is stored in (halves the file; merged into float32 weights on load)."""
-    general_requests: int = 0
+    general_requests: int = 300
     """Number of **general instruction** examples mixed into the harmless half (0: none). No general
     instruction set (Alpaca, Dolly, …) installs offline, so they are made as Magpie does (Xu et al.
     2024, "Magpie: alignment data synthesis from scratch by prompting aligned LLMs with nothing"): the
     base chat model is given its chat template up to the start of a user turn and *samples* the user's
     request itself (:func:`sample_user_requests`), then answers it greedily. The requests are in the
     model's own voice — neither this project's nor the style-shift set's — and cover what its chat
-    training covered. They are weighted like harmless examples."""
+    training covered. They are weighted like harmless examples. The default, 300, reuses the shipped recipes' draw
+    (seed 0, 1 thread: 219 kept). Alone, they lower over-refusal but also harmful refusal in other voices (recipe
+    ``mid8-mlp-r16-lr2-hw3-gen300``: 0.83 on ``voice_val.jsonl``); with ``voice_train`` they do not."""
     general_request_tokens: int = 64
     """Most tokens sampled per general request (requests that do not end within them are dropped)."""
     anchor_weight: float = 0.0
@@ -152,7 +162,7 @@ class SafetyTuningConfig:
     The blocks above are frozen, so a harmless request whose residual stream is anchored is processed
     exactly as by the base model: the adapter is asked to act on harmful requests only, instead of
     shifting every request and relying on the harmless answers to undo the shift at the output."""
-    voice_train: bool = False
+    voice_train: bool = True
     """Also train on ``voice_train.jsonl`` (:func:`voice_training_examples`): 120 harmful and 120 harmless requests
     in six voices that neither the main set, the style-shift set nor the voice-validation set uses (email, format
     constraints, corporate, on behalf of someone, multi-part, enthusiastic); harmful → refusals, harmless → the
