@@ -277,7 +277,8 @@ def table_text(folder: Path = SHIPPED) -> str:
               "(half-qvd-r8-lr2-hw3).",
               "", f"The shipped adapter is `make safety-adapter`'s output with {SHIPPED_RECIPE}'s settings (2026-12-07, 1 "
               "thread, alone on the machine). Its regenerated training data — the main examples, the voice-training "
-              "examples and the general requests — was byte for byte the files the recipe screens used, so {SHIPPED_RECIPE}'s row above is that run's adapter and report, evaluated (no separate recipe "
+              f"examples and the general requests — was byte for byte the files the recipe screens used, so "
+              f"{SHIPPED_RECIPE}'s row above is that run's adapter and report, evaluated (no separate recipe "
               "run). For its predecessor, half-mlp-r16-lr2-hw3 (shipped 2026-12-04 to 12-07), a recipe run and "
               "`make safety-adapter` gave the same refusal rates on the whole test split and style-shift set and loss "
               "curves equal to 4 decimals, and two runs of `make safety-adapter` gave the same weights file, byte for "

@@ -46,9 +46,9 @@ WEIGHT_DELTA_FILE = "weight_delta.safetensors"
 
 TRAINING_DATA_PATH = DATA_DIR / "safety_tuning_data.jsonl"
 GENERAL_DATA_NAME = "general_requests.jsonl"
+"""File (next to the training data) of the sampled general requests and the base model's answers."""
 VOICE_DATA_NAME = "voice_training_data.jsonl"
 """The voice-training examples (``SafetyTuningConfig.voice_train``), written next to the main training data."""
-"""File (next to the training data) of the sampled general requests and the base model's answers."""
 REPORT_JSON_PATH = DATA_DIR / "safety_tuning_report.json"
 REPORT_MD_PATH = DATA_DIR / "safety_tuning_report.md"
 
