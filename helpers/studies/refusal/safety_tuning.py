@@ -767,15 +767,21 @@ def read_training_examples(path: Path) -> list[TrainingExample]:
     return [TrainingExample(r["instruction"], r["response"], r["kind"], r["ends_turn"]) for r in rows]
 
 
+def mix_examples(examples: Sequence[TrainingExample], extra: Sequence[TrainingExample], *,
+                 seed: int) -> list[TrainingExample]:
+    """``examples`` and ``extra`` in one list, shuffled with ``seed`` (the inputs are left as they were)."""
+    mixed = list(examples) + list(extra)
+    random.Random(seed).shuffle(mixed)
+    return mixed
+
+
 def add_general_requests(examples: Sequence[TrainingExample], general: Sequence[dict[str, str]], *,
                          seed: int) -> tuple[list[TrainingExample], int]:
     """``examples`` plus the sampled general requests (``{"instruction", "response"}``) as harmless examples, those
     with an empty or refusal-like answer dropped, shuffled with ``seed + 1``; and how many were added."""
     extra = [TrainingExample(g["instruction"], g["response"], "harmless", False) for g in general
              if g["response"].strip() and not is_refusal(g["response"])]
-    mixed = list(examples) + extra
-    random.Random(seed + 1).shuffle(mixed)
-    return mixed, len(extra)
+    return mix_examples(examples, extra, seed=seed + 1), len(extra)
 
 
 def voice_training_examples(hf_model: Any, tokenizer: Any, config: SafetyTuningConfig, *,
@@ -798,14 +804,6 @@ def voice_training_examples(hf_model: Any, tokenizer: Any, config: SafetyTuningC
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text("".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in examples))
     return examples
-
-
-def mix_examples(examples: Sequence[TrainingExample], extra: Sequence[TrainingExample], *,
-                 seed: int) -> list[TrainingExample]:
-    """``examples`` and ``extra`` in one list, shuffled with ``seed`` (the inputs are left as they were)."""
-    mixed = list(examples) + list(extra)
-    random.Random(seed).shuffle(mixed)
-    return mixed
 
 
 def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
@@ -853,7 +851,7 @@ def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
         out_dir.mkdir(parents=True, exist_ok=True)
         data_path.write_text("".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in examples))
 
-    voice: list[TrainingExample] = []
+    voice: list[TrainingExample] = []  # mixed in below; counted apart in the report
     if config.voice_train:
         voice = voice_training_examples(hf_model, tokenizer, config, path=out_dir / VOICE_DATA_NAME,
                                         reuse=reuse_training_data)
@@ -895,13 +893,15 @@ def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
     sample = held_out["test"]["harmful"][:3] + held_out["test"]["harmless"][:3] + held_out["style-shift"]["harmless"][:2]
     replies = hf_generate_greedy(merged, tokenizer, sample, max_new_tokens=config.eval_new_tokens, desc="examples")
 
+    n_voice_harmful = sum(e.kind == "harmful" for e in voice)
+    n_voice_harmless = len(voice) - n_voice_harmful
     report = SafetyTuningReport(
         config={**asdict(config), "target_modules": list(config.target_modules), "full_blocks": list(config.full_blocks)},
-        n_train_harmful=sum(e.kind == "harmful" for e in examples) - sum(e.kind == "harmful" for e in voice),
-        n_train_harmless=sum(e.kind == "harmless" for e in examples) - n_general - sum(e.kind == "harmless" for e in voice),
+        n_train_harmful=sum(e.kind == "harmful" for e in examples) - n_voice_harmful,
+        n_train_harmless=sum(e.kind == "harmless" for e in examples) - n_general - n_voice_harmless,
         n_general=n_general,
-        n_voice_harmful=sum(e.kind == "harmful" for e in voice),
-        n_voice_harmless=sum(e.kind == "harmless" for e in voice),
+        n_voice_harmful=n_voice_harmful,
+        n_voice_harmless=n_voice_harmless,
         n_dropped_harmless=n_dropped,
         steps=len(losses),
         losses=[round(v, 4) for v in losses],
