@@ -597,7 +597,8 @@ def test_shipped_adapter_and_report():
     assert adapter_config["target_modules"] == sorted(adapter_config["target_modules"]), "not save_adapter's output"
     assert sum(files.values()) < 5e6, files
     report = json.loads(S.REPORT_JSON_PATH.read_text())
-    assert report["torch_threads"] == 1 and report["config"]["threads"] == 1, "make safety-adapter must reproduce it"
+    threads = S.SafetyTuningConfig().threads  # what make safety-adapter trains with
+    assert report["torch_threads"] == threads and report["config"]["threads"] == threads, "make safety-adapter must reproduce it"
     rates = report["refusal_rates"]
     tuned = rates["safety-tuned (LoRA merged)"]
     base = rates.get("base (embedded model)")  # the recipe runs skip the (recipe-independent) base model
@@ -1176,6 +1177,20 @@ def test_mix_examples_keeps_every_example_and_shuffles_by_seed():
     assert mixed == S.mix_examples(a, b, seed=3) and mixed != S.mix_examples(a, b, seed=4)
     assert [e.instruction for e in a] == [f"a{i}" for i in range(5)]  # inputs left as they were
 
+
+
+def test_training_mix_mixes_voice_then_general_examples_as_the_training_run_did():
+    main = [S.TrainingExample(f"m{i}", "r", "harmful" if i % 2 else "harmless", bool(i % 2)) for i in range(8)]
+    voice = [S.TrainingExample(f"v{i}", "r", "harmful", True) for i in range(4)]
+    general = [{"instruction": f"g{i}", "response": "An answer."} for i in range(3)] + [
+        {"instruction": "g-refused", "response": "I'm sorry, but I can't help with that."}]
+    mixed, n = S.training_mix(main, voice, general, seed=5)
+    # the two steps run_safety_tuning and the recipe screens took before this function existed, seeds included
+    assert (mixed, n) == S.add_general_requests(S.mix_examples(main, voice, seed=7), general, seed=5)
+    assert n == 3 and len(mixed) == 15
+    assert S.training_mix(main, [], [], seed=5) == (main, 0)  # no voice, no general requests: the main order as is
+    assert S.training_mix(main, voice, [], seed=5) == (S.mix_examples(main, voice, seed=7), 0)
+    assert S.training_mix(main, [], general, seed=5) == S.add_general_requests(main, general, seed=5)
 
 def test_voice_training_examples_refuse_harmful_and_answer_harmless_with_the_models_own_words(tiny_hf, tmp_path,
                                                                                              monkeypatch):

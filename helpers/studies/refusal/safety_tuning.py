@@ -137,10 +137,11 @@ class SafetyTuningConfig:
     """Length (tokens) of the model's own answers used as harmless targets."""
     eval_new_tokens: int = 32
     """Greedy tokens generated per prompt when measuring refusal rates for the report."""
-    threads: int = 1
-    """torch CPU threads. Float rounding depends on the thread count, so the shipped adapter and its
-    training data (the base model's greedy answers) are reproduced bit for bit only with the same
-    count: 1, the default of ``make safety-adapter``."""
+    threads: int = 2
+    """torch CPU threads. Float rounding can depend on the thread count, so the shipped adapter and its training data
+    (the base model's greedy answers) are promised bit for bit only with the count they were made with: 2, the
+    default of ``make safety-adapter`` (10.9 min of training on the 2-core CPU). Measured on this machine, 1 thread
+    gives the same files byte for byte too, in 20.0 min; other counts or CPUs may differ in the last bits."""
     adapter_dtype: str = "float16"
     """dtype the adapter is stored in (halves the file; merged into float32 weights on load)."""
     general_requests: int = 300
@@ -151,7 +152,7 @@ class SafetyTuningConfig:
     request itself (:func:`sample_user_requests`), then answers it greedily. The requests are in the
     model's own voice — neither this project's nor the style-shift set's — and cover what its chat
     training covered. They are weighted like harmless examples. The default, 300, reuses the shipped recipes' draw
-    (seed 0, 1 thread: 219 kept). Alone, they lower over-refusal but also harmful refusal in other voices (recipe
+    (seed 0, 1 thread, the same with 2: 219 kept). Alone, they lower over-refusal but also harmful refusal in other voices (recipe
     ``mid8-mlp-r16-lr2-hw3-gen300``: 0.83 on ``voice_val.jsonl``); with ``voice_train`` they do not."""
     general_request_tokens: int = 64
     """Most tokens sampled per general request (requests that do not end within them are dropped)."""
@@ -784,6 +785,18 @@ def add_general_requests(examples: Sequence[TrainingExample], general: Sequence[
     return mix_examples(examples, extra, seed=seed + 1), len(extra)
 
 
+def training_mix(examples: Sequence[TrainingExample], voice: Sequence[TrainingExample],
+                 general: Sequence[dict[str, str]], *, seed: int) -> tuple[list[TrainingExample], int]:
+    """What one training run trains on, in order: the main ``examples`` with the ``voice`` examples mixed in
+    (:func:`mix_examples`, ``seed + 2``), then the ``general`` requests added (:func:`add_general_requests`,
+    ``seed + 1``); and how many general requests were kept. An empty ``voice`` or ``general`` leaves that step out
+    (no reshuffle), as a recipe without voice training or general requests trains."""
+    mixed = mix_examples(examples, voice, seed=seed + 2) if voice else list(examples)
+    if not general:
+        return mixed, 0
+    return add_general_requests(mixed, general, seed=seed)
+
+
 def voice_training_examples(hf_model: Any, tokenizer: Any, config: SafetyTuningConfig, *,
                             path: Path | None = None, reuse: bool = False) -> list[TrainingExample]:
     """The ``voice_train.jsonl`` requests as training examples (:func:`build_training_examples`, seed + 2): harmful →
@@ -851,13 +864,12 @@ def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
         out_dir.mkdir(parents=True, exist_ok=True)
         data_path.write_text("".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in examples))
 
-    voice: list[TrainingExample] = []  # mixed in below; counted apart in the report
+    voice: list[TrainingExample] = []  # counted apart in the report
     if config.voice_train:
         voice = voice_training_examples(hf_model, tokenizer, config, path=out_dir / VOICE_DATA_NAME,
                                         reuse=reuse_training_data)
-        examples = mix_examples(examples, voice, seed=config.seed + 2)
 
-    n_general = 0
+    general: list[dict[str, str]] = []
     if config.general_requests:
         general_path = out_dir / GENERAL_DATA_NAME
         if reuse_training_data and general_path.is_file():
@@ -872,7 +884,7 @@ def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
                        for q, a in zip(requests, replies)]
             out_dir.mkdir(parents=True, exist_ok=True)
             general_path.write_text("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in general))
-        examples, n_general = add_general_requests(examples, general, seed=config.seed)
+    examples, n_general = training_mix(examples, voice, general, seed=config.seed)
 
     base_rates = _refusal_rates(hf_model, tokenizer, held_out, config.eval_new_tokens, "base") if evaluate_base else None
 
