@@ -26,6 +26,16 @@ from helpers.studies.refusal import safety_tuning as S
 # --------------------------------------------------------------------------------------------------
 
 
+def assert_no_near_duplicates(texts, others, what: str) -> None:
+    """No text of ``texts`` shares most of its words with any of ``others`` (word-set Jaccard below the splitter's
+    near-duplicate threshold): brute force, every pair."""
+    other_words = [D.word_set(t) for t in others]
+    for text in texts:
+        words = D.word_set(text)
+        closest = max(other_words, key=lambda other: D.jaccard(words, other))
+        assert D.jaccard(words, closest) < D.NEAR_DUPLICATE_JACCARD, (what, text, sorted(closest))
+
+
 @pytest.fixture(scope="module")
 def splits():
     return R.load_instructions()
@@ -71,13 +81,10 @@ def test_splits_sizes_and_every_category_in_every_split(split_requests):
 
 def test_no_request_has_a_near_duplicate_in_another_split(splits):
     """Pairwise, by brute force: no test/val request shares most of its words with a train request."""
-    train = [D.word_set(t) for kind in D.KINDS for t in splits["train"][kind]]
+    train = [t for kind in D.KINDS for t in splits["train"][kind]]
     for split in ("val", "test"):
         for kind in D.KINDS:
-            for text in splits[split][kind]:
-                words = D.word_set(text)
-                worst = max(D.jaccard(words, other) for other in train)
-                assert worst < D.NEAR_DUPLICATE_JACCARD, (split, text, worst)
+            assert_no_near_duplicates(splits[split][kind], train, f"{split} {kind} vs train")
     everything = [t for s in D.SPLITS for k in D.KINDS for t in splits[s][k]]
     assert len(everything) == len(set(everything)), "a request appears twice"
 
@@ -89,9 +96,8 @@ def test_style_shift_set_is_held_out_and_written_differently(splits):
     assert {r.category for r in requests if r.kind == "harmful"} == set(D.HARM_CATEGORIES)
     assert sum(r.contrast for r in requests) >= 20
     assert len({r.style for r in requests}) >= 5
-    train = [D.word_set(t) for kind in D.KINDS for t in splits["train"][kind]]
-    for r in requests:
-        assert max(D.jaccard(D.word_set(r.text), other) for other in train) < D.NEAR_DUPLICATE_JACCARD, r.text
+    assert_no_near_duplicates([r.text for r in requests], [t for kind in D.KINDS for t in splits["train"][kind]],
+                              "style-shift vs train")
     main_texts = {t for s in D.SPLITS for k in D.KINDS for t in splits[s][k]}
     assert not main_texts & {r.text for r in requests}
 
@@ -110,9 +116,7 @@ def test_voice_validation_set_is_balanced_and_no_near_duplicate_of_any_other_set
     assert not {r.style for r in requests} & {r.style for r in D.load_style_shift_requests()}
     others = [t for s in D.SPLITS for k in D.KINDS for t in splits[s][k]]
     others += [r.text for r in D.load_style_shift_requests()] + D.load_harmbench()
-    other_words = [D.word_set(t) for t in others]
-    for r in requests:
-        assert max(D.jaccard(D.word_set(r.text), w) for w in other_words) < D.NEAR_DUPLICATE_JACCARD, r.text
+    assert_no_near_duplicates([r.text for r in requests], others, "voice-val vs the other sets")
     assert len({r.text for r in requests}) == len(requests)
 
 
@@ -996,8 +1000,7 @@ def test_harmbench_is_external_checked_and_spread_over_its_categories():
                                                      "harmful": 21, "harassment_bullying": 19}
     # written elsewhere: no request of this project's sets is a near-duplicate of a HarmBench behaviour
     ours = [r.text for kind in R.KINDS for r in D.load_requests(kind)] + [r.text for r in D.load_style_shift_requests()]
-    ours_words = [D.word_set(t) for t in ours]
-    assert max(D.jaccard(D.word_set(r.text), w) for r in requests for w in ours_words) < D.NEAR_DUPLICATE_JACCARD
+    assert_no_near_duplicates([r.text for r in requests], ours, "HarmBench vs this project's sets")
     part = R.load_study_harmbench(18)
     by_text = {r.text: r.category for r in requests}
     assert len(set(part)) == 18 and Counter(by_text[t] for t in part) == Counter({c: 3 for c in set(by_text.values())})
@@ -1230,8 +1233,6 @@ def test_voice_training_set_is_balanced_in_six_new_voices_and_no_near_duplicate_
                                               | {r.style for r in D.load_voice_val_requests()})
     others = [t for s in D.SPLITS for k in D.KINDS for t in splits[s][k]]
     others += [r.text for r in D.load_style_shift_requests() + D.load_voice_val_requests()] + D.load_harmbench()
-    other_words = [D.word_set(t) for t in others]
-    for r in requests:
-        assert 5 <= len(r.text.split()) <= 60, r.text
-        assert max(D.jaccard(D.word_set(r.text), w) for w in other_words) < D.NEAR_DUPLICATE_JACCARD, r.text
+    assert all(5 <= len(r.text.split()) <= 60 for r in requests), [r.text for r in requests if not 5 <= len(r.text.split()) <= 60]
+    assert_no_near_duplicates([r.text for r in requests], others, "voice-train vs the other sets")
     assert len({r.text for r in requests}) == len(requests)
