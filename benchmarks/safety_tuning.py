@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import os
 import sys
@@ -43,8 +42,7 @@ def shipped_training_mix(config: S.SafetyTuningConfig) -> list[S.TrainingExample
     """The examples ``make safety-adapter`` trains on, read from the shipped files, in training order."""
     data = S.TRAINING_DATA_PATH.parent
     voice = S.read_training_examples(data / S.VOICE_DATA_NAME) if config.voice_train else []
-    general = ([json.loads(line) for line in (data / S.GENERAL_DATA_NAME).read_text().splitlines() if line.strip()]
-               if config.general_requests else [])
+    general = S.read_general_requests(data / S.GENERAL_DATA_NAME) if config.general_requests else []
     examples, _ = S.training_mix(S.read_training_examples(S.TRAINING_DATA_PATH), voice, general, seed=config.seed)
     return examples
 

@@ -160,8 +160,7 @@ def screen_recipe(name: str, config: SafetyTuningConfig) -> dict:
     # As run_safety_tuning: the base model answers voice_train.jsonl's harmless requests; the general requests are the
     # shipped sample (run_safety_tuning with reuse_training_data), mixed in the same order by the same function.
     voice = S.voice_training_examples(hf, tokenizer, config, path=OUT / name / S.VOICE_DATA_NAME) if config.voice_train else []
-    general = ([json.loads(line) for line in GENERAL_REQUESTS.read_text().splitlines() if line.strip()]
-               if config.general_requests else [])
+    general = S.read_general_requests(GENERAL_REQUESTS) if config.general_requests else []
     examples, _ = S.training_mix(S.read_training_examples(TRAINING_DATA_PATH), voice, general, seed=config.seed)
     model, initial = S.make_trainable_model(hf, config)
     S.train_lora(model, tokenizer, examples, config)

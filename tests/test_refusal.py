@@ -1165,6 +1165,9 @@ def test_add_general_requests_drops_empty_and_refusal_like_answers_and_shuffles_
     general = [{"instruction": "Name a river.", "response": "The Nile."},
                {"instruction": "Name a sea.", "response": "  "},
                {"instruction": "Name a lake.", "response": "I'm sorry, but I can't help with that."}]
+    general_path = tmp_path / S.GENERAL_DATA_NAME  # as run_safety_tuning writes it, read back in order, nothing dropped
+    general_path.write_text("".join(json.dumps(g) + "\n" for g in general) + "\n")
+    assert S.read_general_requests(general_path) == general
     mixed, n = S.add_general_requests(examples, general, seed=0)
     assert n == 1 and len(mixed) == 3 and examples == S.read_training_examples(path)  # input left as it was
     assert sorted(e.instruction for e in mixed) == ["How do I steal a car?", "How do I wash a car?", "Name a river."]
@@ -1181,7 +1184,6 @@ def test_mix_examples_keeps_every_example_and_shuffles_by_seed():
     assert [e.instruction for e in a] == [f"a{i}" for i in range(5)]  # inputs left as they were
 
 
-
 def test_training_mix_mixes_voice_then_general_examples_as_the_training_run_did():
     main = [S.TrainingExample(f"m{i}", "r", "harmful" if i % 2 else "harmless", bool(i % 2)) for i in range(8)]
     voice = [S.TrainingExample(f"v{i}", "r", "harmful", True) for i in range(4)]
@@ -1194,6 +1196,7 @@ def test_training_mix_mixes_voice_then_general_examples_as_the_training_run_did(
     assert S.training_mix(main, [], [], seed=5) == (main, 0)  # no voice, no general requests: the main order as is
     assert S.training_mix(main, voice, [], seed=5) == (S.mix_examples(main, voice, seed=7), 0)
     assert S.training_mix(main, [], general, seed=5) == S.add_general_requests(main, general, seed=5)
+
 
 def test_voice_training_examples_refuse_harmful_and_answer_harmless_with_the_models_own_words(tiny_hf, tmp_path,
                                                                                              monkeypatch):

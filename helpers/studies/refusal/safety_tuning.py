@@ -768,6 +768,12 @@ def read_training_examples(path: Path) -> list[TrainingExample]:
     return [TrainingExample(r["instruction"], r["response"], r["kind"], r["ends_turn"]) for r in rows]
 
 
+def read_general_requests(path: Path) -> list[dict[str, str]]:
+    """The sampled general requests of a ``general_requests.jsonl`` file (``{"instruction", "response"}``), in file
+    order, as :func:`run_safety_tuning` wrote them (refusal-like answers still in: :func:`add_general_requests` drops them)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def mix_examples(examples: Sequence[TrainingExample], extra: Sequence[TrainingExample], *,
                  seed: int) -> list[TrainingExample]:
     """``examples`` and ``extra`` in one list, shuffled with ``seed`` (the inputs are left as they were)."""
@@ -873,7 +879,7 @@ def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
     if config.general_requests:
         general_path = out_dir / GENERAL_DATA_NAME
         if reuse_training_data and general_path.is_file():
-            general = [json.loads(line) for line in general_path.read_text().splitlines() if line.strip()]
+            general = read_general_requests(general_path)
         else:
             requests = sample_user_requests(hf_model, tokenizer, config.general_requests, seed=config.seed,
                                             max_new_tokens=config.general_request_tokens,
