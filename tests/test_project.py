@@ -120,6 +120,13 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert re.search(r"^test: setup$", (ROOT / "Makefile").read_text(), flags=re.M)
 
 
+def test_make_benchmarks_runs_every_benchmark_script():
+    target = (ROOT / "Makefile").read_text().split("\nbenchmarks: setup\n", 1)[1].split("\n\n", 1)[0]
+    scripts = {path.name for path in (ROOT / "benchmarks").glob("*.py")}
+    run = set(re.findall(r"benchmarks/(\w+\.py)", target))
+    assert scripts and run == scripts, f"`make benchmarks` runs {sorted(run)}, benchmarks/ has {sorted(scripts)}"
+
+
 def test_every_notebook_starts_with_the_setup_cell_and_stays_small():
     import json
 
