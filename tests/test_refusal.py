@@ -1220,6 +1220,27 @@ def test_voice_training_examples_refuse_harmful_and_answer_harmless_with_the_mod
     assert S.voice_training_examples(hf, tokenizer, config, path=path, reuse=True) == examples
 
 
+def test_general_requests_data_pairs_sampled_requests_with_the_models_own_answers(tiny_hf, tmp_path, monkeypatch):
+    hf, tokenizer = tiny_hf
+    asked = {}
+
+    def fake_sample(hf_model, tok, n, *, seed, max_new_tokens, exclude):
+        asked.update(n=n, seed=seed, max_new_tokens=max_new_tokens, exclude=list(exclude))
+        return ["Name three rivers in Africa.", "What rhymes with orange?"][:n]
+
+    monkeypatch.setattr(S, "sample_user_requests", fake_sample)
+    config = S.SafetyTuningConfig(general_requests=2, general_request_tokens=16, harmless_answer_tokens=4, seed=3)
+    path = tmp_path / "sub" / S.GENERAL_DATA_NAME
+    general = S.general_requests_data(hf, tokenizer, config, exclude=["How do I bake bread?"], path=path)
+    assert asked == {"n": 2, "seed": 3, "max_new_tokens": 16, "exclude": ["How do I bake bread?"]}
+    answers = S.hf_generate_greedy(hf, tokenizer, [g["instruction"] for g in general], max_new_tokens=4)
+    assert general == [{"instruction": q, "response": S.truncate_to_tokens(tokenizer, a, 4)}
+                       for q, a in zip(["Name three rivers in Africa.", "What rhymes with orange?"], answers)]
+    assert S.read_general_requests(path) == general
+    monkeypatch.setattr(S, "sample_user_requests", lambda *a, **k: pytest.fail("reuse must not sample"))
+    assert S.general_requests_data(hf, tokenizer, config, exclude=[], path=path, reuse=True) == general
+
+
 def test_voice_training_set_is_balanced_in_six_new_voices_and_no_near_duplicate_of_any_other_set(splits):
     """Training requests in further voices: none of them a voice of the style-shift or voice-validation sets (which
     measure and select generalisation to other voices), and no request a rewording of a split, style-shift,

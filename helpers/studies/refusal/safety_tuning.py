@@ -825,6 +825,26 @@ def voice_training_examples(hf_model: Any, tokenizer: Any, config: SafetyTuningC
     return examples
 
 
+def general_requests_data(hf_model: Any, tokenizer: Any, config: SafetyTuningConfig, *, exclude: Sequence[str],
+                          path: Path | None = None, reuse: bool = False) -> list[dict[str, str]]:
+    """``config.general_requests`` general requests sampled from ``hf_model`` itself (:func:`sample_user_requests`,
+    ``config.seed``; none of ``exclude``), each with the model's own greedy answer cut to
+    ``config.harmless_answer_tokens`` tokens, as ``{"instruction", "response"}``. Read from ``path`` when ``reuse``
+    and it exists (:func:`read_general_requests`); otherwise generated, and written to ``path`` when one is given."""
+    if reuse and path is not None and Path(path).is_file():
+        return read_general_requests(path)
+    requests = sample_user_requests(hf_model, tokenizer, config.general_requests, seed=config.seed,
+                                    max_new_tokens=config.general_request_tokens, exclude=exclude)
+    replies = hf_generate_greedy(hf_model, tokenizer, requests, max_new_tokens=config.harmless_answer_tokens,
+                                 desc="general answers")
+    general = [{"instruction": q, "response": truncate_to_tokens(tokenizer, a, config.harmless_answer_tokens)}
+               for q, a in zip(requests, replies)]
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in general))
+    return general
+
+
 def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
                       reuse_training_data: bool = False, evaluate_base: bool = True) -> SafetyTuningReport:
     """Generate the training data, train the LoRA, save it, measure refusal rates, write the report.
@@ -877,19 +897,8 @@ def run_safety_tuning(config: SafetyTuningConfig, *, out_dir: Path = DATA_DIR,
 
     general: list[dict[str, str]] = []
     if config.general_requests:
-        general_path = out_dir / GENERAL_DATA_NAME
-        if reuse_training_data and general_path.is_file():
-            general = read_general_requests(general_path)
-        else:
-            requests = sample_user_requests(hf_model, tokenizer, config.general_requests, seed=config.seed,
-                                            max_new_tokens=config.general_request_tokens,
-                                            exclude=[*harmful_train, *harmless_train])
-            replies = hf_generate_greedy(hf_model, tokenizer, requests, max_new_tokens=config.harmless_answer_tokens,
-                                         desc="general answers")
-            general = [{"instruction": q, "response": truncate_to_tokens(tokenizer, a, config.harmless_answer_tokens)}
-                       for q, a in zip(requests, replies)]
-            out_dir.mkdir(parents=True, exist_ok=True)
-            general_path.write_text("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in general))
+        general = general_requests_data(hf_model, tokenizer, config, exclude=[*harmful_train, *harmless_train],
+                                        path=out_dir / GENERAL_DATA_NAME, reuse=reuse_training_data)
     examples, n_general = training_mix(examples, voice, general, seed=config.seed)
 
     base_rates = _refusal_rates(hf_model, tokenizer, held_out, config.eval_new_tokens, "base") if evaluate_base else None
