@@ -121,7 +121,7 @@ sae-checkpoint: setup
 
 # The LoRA adapter that safety-tunes the embedded model for the refusal study, its training data
 # and report (helpers/data/refusal/). 2 torch threads (the default): regenerates the shipped files exactly
-# (about 11 min of training, 24 min in all, on the 2-core CPU).
+# (about 14 min of training, 33 min in all, on the 2-core CPU).
 safety-adapter: setup
 	OMP_NUM_THREADS=2 $(PY) scripts/safety_tune.py
 

@@ -76,14 +76,19 @@ RECIPES: dict[str, tuple[str, SafetyTuningConfig]] = {
                                           "half-qvd-r8-lr2-hw3-gen300, harmless weight 2",
                                           replace(MLP16, lora_first_block=8, voice_train=True, general_requests=300,
                                                   harmless_weight=2.0)),
+    "mid8-mlp-r16-lr2-hw2-gen600-voice": ("as mid8-mlp-r16-lr2-hw2-gen300-voice, twice as many general requests sampled "
+                                          "(600, seed 0: the first 300 are the 300-request recipes' draw)",
+                                          replace(MLP16, lora_first_block=8, voice_train=True, general_requests=600,
+                                                  harmless_weight=2.0)),
 }
-SHIPPED_RECIPE = "mid8-mlp-r16-lr2-hw2-gen300-voice"  # SafetyTuningConfig()'s defaults: what `make safety-adapter` trains
+SHIPPED_RECIPE = "mid8-mlp-r16-lr2-hw2-gen600-voice"  # SafetyTuningConfig()'s defaults: what `make safety-adapter` trains
 OUT = ROOT / "build" / "recipes"
 TABLE = ROOT / "helpers" / "data" / "refusal" / "safety_recipes.md"
 SHIPPED = TABLE.parent / "recipes"  # helpers/data/refusal/recipes/<name>/: each evaluated recipe's report + eval.json
 SHIPPED_FILES = ("safety_tuning_report.md", "safety_tuning_report.json", "eval.json")
 SELECTION_FILE = "selection.json"  # refusal rates on the selection sets only (val split + voice_val.jsonl)
-GENERAL_REQUESTS = TRAINING_DATA_PATH.parent / GENERAL_DATA_NAME  # sampled once (seed 0, 1 thread), reused
+GENERAL_REQUESTS = TRAINING_DATA_PATH.parent / GENERAL_DATA_NAME  # sampled by `make safety-adapter` (seed 0), reused
+SHIPPED_GENERAL_REQUESTS = SafetyTuningConfig().general_requests  # how many that file holds
 MIN_HARMFUL_REFUSAL = 0.90  # the selection rule's floor on harmful refusal, on both selection sets
 
 COLUMNS = [  # (header, key in eval.json or report, format)
@@ -106,8 +111,10 @@ def run_recipe(name: str, config: SafetyTuningConfig, eval_threads: int = 2) -> 
     folder = OUT / name
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(TRAINING_DATA_PATH, folder / TRAINING_DATA_PATH.name)
-    if config.general_requests:  # the shipped draw: run_safety_tuning reuses it instead of sampling again
-        shutil.copy(GENERAL_REQUESTS, folder / GENERAL_DATA_NAME)
+    if 0 < config.general_requests <= SHIPPED_GENERAL_REQUESTS:  # the shipped draw's first n: run_safety_tuning reuses it
+        lines = GENERAL_REQUESTS.read_text().splitlines(keepends=True)
+        (folder / GENERAL_DATA_NAME).write_text("".join(lines[:config.general_requests]))
+    # more: run_safety_tuning samples its own draw, or reuses the one a screen of this recipe left there
     (folder / "config.json").write_text(json.dumps(asdict(config), indent=1, default=list) + "\n")
     code = ("import json,sys; from pathlib import Path; sys.path.insert(0, %r)\n"
             "from helpers.studies.refusal.safety_tuning import SafetyTuningConfig, run_safety_tuning\n"
@@ -139,8 +146,27 @@ def ship_results(names: list[str]) -> None:
             shutil.copy(OUT / name / file, keep / file)
 
 
+def general_requests_for(name: str, config: SafetyTuningConfig, hf_model, tokenizer) -> list[dict[str, str]]:
+    """The general requests a recipe trains on: none; the first ``config.general_requests`` of the shipped draw
+    (``general_requests.jsonl``) when it holds that many — a draw of n is the first n of a larger draw with the same
+    seed (:func:`sample_user_requests` stops at n) and the answers are greedy, so this is the recipe's own draw;
+    otherwise the recipe's own draw in ``build/recipes/<name>/``, sampled there once (as ``run_safety_tuning`` samples
+    it: seed, length and the train split excluded) and reused afterwards."""
+    from helpers.studies.refusal import safety_tuning as S
+
+    if not config.general_requests:
+        return []
+    if config.general_requests <= SHIPPED_GENERAL_REQUESTS:
+        return S.read_general_requests(GENERAL_REQUESTS)[:config.general_requests]
+    train = S.load_instructions()["train"]
+    return S.general_requests_data(hf_model, tokenizer, config, exclude=[*train["harmful"], *train["harmless"]],
+                                   path=OUT / name / GENERAL_DATA_NAME, reuse=True)
+
+
 def screen_recipe(name: str, config: SafetyTuningConfig) -> dict:
-    """Train ``config`` on the shipped training examples (1 thread) and measure refusal on the selection sets only.
+    """Train ``config`` on the shipped training examples (``config.threads`` threads) and measure refusal on the
+    selection sets only. ``train_seconds`` counts loading, the voice answers and training, not a general-request
+    draw of the recipe's own (``general_requests_seconds``).
 
     Writes ``helpers/data/refusal/recipes/<name>/selection.json``. No test-split or style-shift request is generated:
     this is what recipes are chosen by (:func:`chosen_by_selection`)."""
@@ -158,16 +184,20 @@ def screen_recipe(name: str, config: SafetyTuningConfig) -> dict:
     for p in hf.parameters():
         p.requires_grad_(False)
     # As run_safety_tuning: the base model answers voice_train.jsonl's harmless requests; the general requests are the
-    # shipped sample (run_safety_tuning with reuse_training_data), mixed in the same order by the same function.
+    # shipped sample (run_safety_tuning with reuse_training_data) or the recipe's own draw, mixed in the same order by
+    # the same function.
     voice = S.voice_training_examples(hf, tokenizer, config, path=OUT / name / S.VOICE_DATA_NAME) if config.voice_train else []
-    general = S.read_general_requests(GENERAL_REQUESTS) if config.general_requests else []
+    t_general = time.time()
+    general = general_requests_for(name, config, hf, tokenizer)
+    general_seconds = time.time() - t_general  # > 0 only when this recipe samples its own draw
     examples, _ = S.training_mix(S.read_training_examples(TRAINING_DATA_PATH), voice, general, seed=config.seed)
     model, initial = S.make_trainable_model(hf, config)
     S.train_lora(model, tokenizer, examples, config)
     train_seconds = time.time() - start
     merged = model.merge_and_unload() if initial is None else model
     merged.eval()
-    result = {"recipe": name, "config": asdict(config), "train_seconds": round(train_seconds),
+    result = {"recipe": name, "config": asdict(config), "train_seconds": round(train_seconds - general_seconds),
+              **({"general_requests_seconds": round(general_seconds)} if general_seconds > 5 else {}),
               **S.selection_refusal_rates(merged, tokenizer)}
     (SHIPPED / name).mkdir(parents=True, exist_ok=True)
     (SHIPPED / name / SELECTION_FILE).write_text(json.dumps(result, indent=1, default=list) + "\n")
@@ -226,13 +256,15 @@ def table_text(folder: Path = SHIPPED) -> str:
     """The recipes table, from every recipe whose evaluation is in ``folder``."""
     lines = ["# Safety-tuning recipes compared (generated by `scripts/safety_recipes.py`; do not edit)", "",
              "Same training examples (300 harmful train requests → refusals, the harmless train requests → the base "
-             "model's own 24-token answers), seed 0, 1 torch thread (the default until 2026-12-07; 2 threads train the shipped "
-             "recipe's adapter byte for byte the same, below); evaluated by `scripts/evaluate_safety_adapter.py` "
+             "model's own 24-token answers), seed 0, 1 torch thread (the default until 2026-12-07; 2 threads trained "
+             "mid8-mlp-r16-lr2-hw2-gen300-voice's adapter byte for byte the same, below; the shipped recipe was trained with 2); "
+             "evaluated by `scripts/evaluate_safety_adapter.py` "
              "(selection over every post-instruction position × layers 8, 11, …, 20 on 16 val prompts per side, KL ≤ 0.1, "
              "massive dimensions zeroed; 64 test and 35 style-shift prompts per side, 64 HarmBench standard behaviours; "
              "32 greedy tokens; substring judge; "
              "Wikipedia 16 × 128 tokens). The tuned model's refusal rates on the whole test split and style-shift set are in "
-             "each recipe's training report. Training time is for 1 thread on the 2-core CPU.", "",
+             "each recipe's training report. Training time is for 1 thread on the 2-core CPU, except the shipped recipe's "
+             "(2 threads).", "",
              "| recipe | " + " | ".join(h for h, _, _ in COLUMNS) + " | train time |",
              "|---|" + "---|" * (len(COLUMNS) + 1)]
     for name, (description, _) in RECIPES.items():
@@ -269,19 +301,28 @@ def table_text(folder: Path = SHIPPED) -> str:
               "style-shift set's. Since 2026-12-07 the shipped recipe mixes them in too, with `voice_train.jsonl`'s "
               "requests in six further voices: the general requests alone lowered over-refusal but also harmful "
               "refusal in unfamiliar voices (`mid8-mlp-r16-lr2-hw3-gen300` and its lower harmless weights: 0.83–0.88 "
-              "of voice-val's harmful requests); with the voice-training requests they do not (0.93).",
+              "of voice-val's harmful requests); with the voice-training requests they do not (0.93). Twice as many "
+              "(`mid8-mlp-r16-lr2-hw2-gen600-voice`: 600 sampled, 447 kept; the first 300 are the 300-request recipes' "
+              "draw, byte for byte) scored 0.164 on the selection sets against 0.173 and became the shipped recipe; "
+              "the margin is small (val harmless 0.09 against 0.11, voice-val 0.23 against 0.23, voice-val harmful "
+              "refusal 0.90, at the rule's floor), and on the whole held-out sets it does no better: harmless refusal "
+              "0.14 against 0.11 on the test split, 0.42 against 0.42 on the style-shift set, harmful refusal 0.93 / "
+              "0.94 against 0.95 / 0.97. A difference of a few requests on the selection sets does not carry over; "
+              "the rule is kept as stated (choosing between the two by the test split would be tuning to it).",
               "", "HarmBench columns show \"—\" for recipes evaluated before HarmBench was added to the evaluation. On all "
-              "200 HarmBench standard behaviours the shipped adapter refuses 0.665 "
+              "200 HarmBench standard behaviours the shipped adapter refuses 0.65 "
               "(`helpers/data/refusal/adapter_refusal_by_group.json`, 2026-12-07; its 64-behaviour sample above: 0.62), "
-              "the ones shipped before it 0.665 (mid8-mlp-r16-lr2-hw3), 0.70 (half-mlp-r16-lr2-hw3) and 0.48 "
-              "(half-qvd-r8-lr2-hw3).",
-              "", f"The shipped adapter is `make safety-adapter`'s output with {SHIPPED_RECIPE}'s settings (2026-12-07, 1 "
-              "thread, alone on the machine). Its regenerated training data — the main examples, the voice-training "
-              f"examples and the general requests — was byte for byte the files the recipe screens used, so "
-              f"{SHIPPED_RECIPE}'s row above is that run's adapter and report, evaluated (no separate recipe "
-              "run). `make safety-adapter` was run again the same day with 2 threads, its default since: the same training "
-              "data, adapter files, losses and refusal rates, byte for byte, in 10.9 min of training (24.1 min in all) instead "
-              "of 20.0 (38.6); `helpers/data/refusal/safety_tuning_report.md` is that second run's report. For its predecessor, half-mlp-r16-lr2-hw3 (shipped 2026-12-04 to 12-07), a recipe run and "
+              "the ones shipped before it 0.665 (mid8-mlp-r16-lr2-hw2-gen300-voice and mid8-mlp-r16-lr2-hw3), 0.70 "
+              "(half-mlp-r16-lr2-hw3) and 0.48 (half-qvd-r8-lr2-hw3).",
+              "", f"The shipped adapter is `make safety-adapter`'s output with {SHIPPED_RECIPE}'s settings (2026-12-07, 2 "
+              "threads, alone on the machine: 14.4 min of training, 33.2 min in all with the data generation and the "
+              "report). Its regenerated training data — the main examples, the voice-training examples and the 600 "
+              f"general requests — was byte for byte the files its screen used, so {SHIPPED_RECIPE}'s row above is "
+              "that run's adapter and report, evaluated (no separate recipe run). The adapter shipped before it, "
+              "mid8-mlp-r16-lr2-hw2-gen300-voice, was made the same way with 1 thread; `make safety-adapter` "
+              "regenerated it with 2 threads the same day: the same training data, adapter files, losses and refusal "
+              "rates, byte for byte, in 10.9 min of training (24.1 min in all) instead of 20.0 (38.6), which is why 2 "
+              "threads became the default. For the one before, half-mlp-r16-lr2-hw3 (shipped 2026-12-04 to 12-07), a recipe run and "
               "`make safety-adapter` gave the same refusal rates on the whole test split and style-shift set and loss "
               "curves equal to 4 decimals, and two runs of `make safety-adapter` gave the same weights file, byte for "
               "byte; their adapter_config.json differed only in the order of target_modules, which `save_adapter` now "

@@ -6,13 +6,13 @@ Writes, into ``helpers/data/refusal/`` (or ``--out``):
   harmless train instructions → the base model's own greedy answers);
 * ``voice_training_data.jsonl`` — with ``voice_train`` (the default's setting decides): the training examples
   of ``voice_train.jsonl``'s requests in six further voices, made the same way;
-* ``general_requests.jsonl`` — with ``general_requests`` (the default: 300): requests the base model samples itself
+* ``general_requests.jsonl`` — with ``general_requests`` (the default: 600): requests the base model samples itself
   (Magpie) and its greedy answers;
 * ``adapter/`` — the LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``);
 * ``safety_tuning_report.{json,md}`` — configuration, seed, loss curve, timings, and refusal rates
   of the base and the tuned model on the held-out test split.
 
-Runs on CPU: about 11 min of training, 24 min in all, on 2 cores. Usage::
+Runs on CPU: about 14 min of training, 33 min in all, on 2 cores. Usage::
 
     python scripts/safety_tune.py                 # everything, seed 0, 2 torch threads: the shipped adapter, exactly
     python scripts/safety_tune.py --reuse-data    # keep the shipped training data, retrain only

@@ -342,6 +342,27 @@ def test_safety_recipes_table_lists_only_what_the_given_folder_holds(tmp_path):
     assert "not evaluated yet" in text
 
 
+def test_recipes_with_fewer_general_requests_train_on_the_first_of_the_shipped_draw(monkeypatch):
+    """A draw of n general requests is the first n of a larger draw with the same seed, so a recipe that asks for
+    fewer than the shipped file holds reads its head instead of sampling; the shipped file holds what the shipped
+    recipe asks for."""
+    from helpers.studies.refusal import safety_tuning as S
+
+    recipes = _safety_recipes_script()
+    shipped = S.read_general_requests(recipes.GENERAL_REQUESTS)
+    assert len(shipped) == recipes.SHIPPED_GENERAL_REQUESTS == S.SafetyTuningConfig().general_requests
+    monkeypatch.setattr(S, "general_requests_data", lambda *a, **k: pytest.fail("must not sample"))
+    config = S.SafetyTuningConfig(general_requests=300)
+    assert recipes.general_requests_for("x", config, None, None) == shipped[:300]
+    assert recipes.general_requests_for("x", S.SafetyTuningConfig(general_requests=0), None, None) == []
+    asked = {}
+    monkeypatch.setattr(S, "general_requests_data", lambda hf, tok, c, *, exclude, path, reuse: asked.update(
+        n=c.general_requests, path=path, reuse=reuse, n_exclude=len(exclude)) or [])
+    recipes.general_requests_for("more", S.SafetyTuningConfig(general_requests=len(shipped) + 1), None, None)
+    assert asked["n"] == len(shipped) + 1 and asked["reuse"] and asked["path"] == recipes.OUT / "more" / S.GENERAL_DATA_NAME
+    assert asked["n_exclude"] == sum(len(v) for v in S.load_instructions()["train"].values())
+
+
 def test_the_selection_rule_needs_harmful_refusal_on_both_sets_then_takes_the_least_over_refusal():
     recipes = _safety_recipes_script()
 

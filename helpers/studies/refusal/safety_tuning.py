@@ -140,19 +140,23 @@ class SafetyTuningConfig:
     threads: int = 2
     """torch CPU threads. Float rounding can depend on the thread count, so the shipped adapter and its training data
     (the base model's greedy answers) are promised bit for bit only with the count they were made with: 2, the
-    default of ``make safety-adapter`` (10.9 min of training on the 2-core CPU). Measured on this machine, 1 thread
-    gives the same files byte for byte too, in 20.0 min; other counts or CPUs may differ in the last bits."""
+    default of ``make safety-adapter`` (14.4 min of training on the 2-core CPU). Measured on this machine for the recipe
+    shipped before (300 general requests), 1 thread gave the same files byte for byte too, in 20.0 min of training
+    instead of 10.9; other counts or CPUs may differ in the last bits."""
     adapter_dtype: str = "float16"
     """dtype the adapter is stored in (halves the file; merged into float32 weights on load)."""
-    general_requests: int = 300
+    general_requests: int = 600
     """Number of **general instruction** examples mixed into the harmless half (0: none). No general
     instruction set (Alpaca, Dolly, …) installs offline, so they are made as Magpie does (Xu et al.
     2024, "Magpie: alignment data synthesis from scratch by prompting aligned LLMs with nothing"): the
     base chat model is given its chat template up to the start of a user turn and *samples* the user's
     request itself (:func:`sample_user_requests`), then answers it greedily. The requests are in the
     model's own voice — neither this project's nor the style-shift set's — and cover what its chat
-    training covered. They are weighted like harmless examples. The default, 300, reuses the shipped recipes' draw
-    (seed 0, 1 thread, the same with 2: 219 kept). Alone, they lower over-refusal but also harmful refusal in other voices (recipe
+    training covered. They are weighted like harmless examples. The default, 600 (seed 0, 2 threads), was chosen on the
+    selection sets over 300 (recipe ``mid8-mlp-r16-lr2-hw2-gen600-voice``); a draw of n is the first n requests of a
+    larger draw with the same seed, so the 300-request recipes' draw is the first half of the shipped file. Requests
+    whose answer reads as a refusal are dropped when training (:func:`add_general_requests`; of the first 300, 219 are
+    kept). Alone, they lower over-refusal but also harmful refusal in other voices (recipe
     ``mid8-mlp-r16-lr2-hw3-gen300``: 0.83 on ``voice_val.jsonl``); with ``voice_train`` they do not."""
     general_request_tokens: int = 64
     """Most tokens sampled per general request (requests that do not end within them are dropped)."""
