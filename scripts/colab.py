@@ -55,16 +55,16 @@ STUDIES = [
     dict(notebook="03_refusal_direction", study="Refusal is mediated by a single direction",
          paper="Arditi et al. 2024 (+ ACE, Marshall et al. 2024)", paper_model="Gemma-2B-it (Qwen-1.8B-chat by one parameter)",
          embedded_model="SmolLM2-135M-Instruct + project LoRA safety tuning (blocks 8–14 of 30)",
-         runtime_embedded="22.5 min (2 threads, alone; 2026-12-07)",
+         runtime_embedded="22.2 min (2 threads, alone; 2026-12-07)",
          runtime_ci="3.8 min (2 threads, alone; 2026-12-07)",
          status="partly reproduced on the safety-tuned embedded model; every assertion holds. Embedded run (50 test + "
-                "35 style-shift prompts per side, 48 HarmBench behaviours): tuned harmful refusal 0.96 / 0.97 / 0.60; "
-                "ablating r leaves 0.04 / 0.00 / 0.00, ACE 0.00 / 0.00 / 0.00; adding r makes harmless prompts refuse "
-                "0.08 → 0.80 (test), 0.49 → 1.00 (style-shift), ACE steering 0.90 / 1.00; Wikipedia loss +0.6% under "
-                "ablation (ACE +1.7%; the paper's Qwen-1.8B +0.6%). Not reproduced: the KL ≤ 0.1 filter (four "
-                "candidates pass, none steers; chosen 0.377), low over-refusal (0.08 test, of which contrast requests "
-                "0.27; 0.49 style-shift), refusal of HarmBench's phrasing (0.665 of all 200), addition ≥ 0.90 on the "
-                "test split, harmless KL under ablation (0.30)"),
+                "35 style-shift prompts per side, 48 HarmBench behaviours): tuned harmful refusal 0.90 / 0.97 / 0.60; "
+                "ablating r leaves 0.02 / 0.03 / 0.00, ACE 0.00 / 0.03 / 0.00; adding r makes harmless prompts refuse "
+                "0.10 → 0.84 (test), 0.40 → 1.00 (style-shift), ACE steering 0.88 / 1.00; Wikipedia loss +1.0% under "
+                "ablation (ACE +1.3%; the paper's Qwen-1.8B +0.6%). Not reproduced: the KL ≤ 0.1 filter (four "
+                "candidates pass, none steers; chosen 0.210), low over-refusal (0.10 test, contrast requests 0.27; "
+                "0.40 style-shift), refusal of HarmBench's phrasing (0.65 of all 200), addition ≥ 0.90 on the "
+                "test split, harmless KL under ablation (0.27)"),
     dict(notebook="04_entropy_neurons", study="Entropy & token-frequency neurons",
          paper="Stolfo et al. 2024", paper_model="GPT-2 small", embedded_model="SmolLM2-135M-Instruct",
          runtime_embedded="22.4 min (beside one other run, 1 thread; 2026-12-02); Gemma-3-270M 103.2 min (2 threads)", runtime_ci="0.8–1.1 min [≈1] before the induction/BOS sections",

@@ -84,11 +84,12 @@ REFUSAL_OFFERS: tuple[str, ...] = (
 class SafetyTuningConfig:
     """Everything that decides the adapter (saved next to it in the training report).
 
-    The defaults are the shipped recipe, ``mid8-mlp-r16-lr2-hw2-gen300-voice`` (since 2026-12-07), which the rule of
+    The defaults are the shipped recipe, ``mid8-mlp-r16-lr2-hw2-gen600-voice`` (since 2026-12-07), which the rule of
     ``scripts/safety_recipes.py`` chose on the selection sets only (val split + ``voice_val.jsonl``): rank-16 LoRA on
-    the MLP projections of blocks 8–14, trained on the main train split, ``voice_train.jsonl`` and 219 self-sampled
-    general requests, harmless weight 2. There it refuses 0.96 / 0.93 of the harmful requests and 0.11 / 0.23 of
-    the harmless ones, against 0.92 / 0.92 and 0.21 / 0.33 for the same LoRA on the main split alone.
+    the MLP projections of blocks 8–14, trained on the main train split, ``voice_train.jsonl`` and 447 self-sampled
+    general requests (600 drawn), harmless weight 2. There it refuses 0.92 / 0.90 of the harmful requests and
+    0.09 / 0.23 of the harmless ones, against 0.96 / 0.93 and 0.11 / 0.23 with 300 general requests and 0.92 / 0.92
+    and 0.21 / 0.33 for the same LoRA on the main split alone.
     """
 
     seed: int = 0
