@@ -2,8 +2,8 @@
 
 Each recipe is a :class:`helpers.studies.refusal.safety_tuning.SafetyTuningConfig`; every one is trained on the same
 training examples (``helpers/data/refusal/safety_tuning_data.jsonl``, the harmless answers generated
-once) with the recipe's torch thread count (1 for every recipe run so far; ``SafetyTuningConfig``'s default is
-now 2, which trains the shipped recipe's adapter byte for byte the same), then evaluated by ``scripts/evaluate_safety_adapter.py`` (the notebook's
+once) with the recipe's torch thread count (1 for every recipe before ``mid8-mlp-r16-lr2-hw2-gen600-voice``; since
+then ``SafetyTuningConfig``'s default, 2, which trained the recipe shipped before it byte for byte the same), then evaluated by ``scripts/evaluate_safety_adapter.py`` (the notebook's
 pipeline at a fixed, smaller size). Outputs go to ``build/recipes/<name>/``; each evaluated recipe's
 training report and evaluation are copied to ``helpers/data/refusal/recipes/<name>/``, and the table of
 every recipe evaluated so far, ``helpers/data/refusal/safety_recipes.md``, is built from those shipped
