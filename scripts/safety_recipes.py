@@ -189,7 +189,8 @@ def screen_recipe(name: str, config: SafetyTuningConfig) -> dict:
     voice = S.voice_training_examples(hf, tokenizer, config, path=OUT / name / S.VOICE_DATA_NAME) if config.voice_train else []
     t_general = time.time()
     general = general_requests_for(name, config, hf, tokenizer)
-    general_seconds = time.time() - t_general  # > 0 only when this recipe samples its own draw
+    general_seconds = time.time() - t_general
+    own_draw = config.general_requests > SHIPPED_GENERAL_REQUESTS  # sampled (or read back) in build/recipes/<name>/
     examples, _ = S.training_mix(S.read_training_examples(TRAINING_DATA_PATH), voice, general, seed=config.seed)
     model, initial = S.make_trainable_model(hf, config)
     S.train_lora(model, tokenizer, examples, config)
@@ -197,7 +198,7 @@ def screen_recipe(name: str, config: SafetyTuningConfig) -> dict:
     merged = model.merge_and_unload() if initial is None else model
     merged.eval()
     result = {"recipe": name, "config": asdict(config), "train_seconds": round(train_seconds - general_seconds),
-              **({"general_requests_seconds": round(general_seconds)} if general_seconds > 5 else {}),
+              **({"general_requests_seconds": round(general_seconds)} if own_draw else {}),
               **S.selection_refusal_rates(merged, tokenizer)}
     (SHIPPED / name).mkdir(parents=True, exist_ok=True)
     (SHIPPED / name / SELECTION_FILE).write_text(json.dumps(result, indent=1, default=list) + "\n")
