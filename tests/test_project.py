@@ -384,3 +384,31 @@ def test_the_shipped_recipe_is_the_one_the_selection_rule_chooses():
     results = recipes.screened()
     assert recipes.SHIPPED_RECIPE in results, "the shipped recipe has no selection.json (run safety_recipes.py --screen)"
     assert recipes.chosen_by_selection(results) == recipes.SHIPPED_RECIPE
+
+
+def test_nbval_waits_longer_than_5_s_for_cell_outputs(tmp_path):
+    """The root conftest.py raises nbval's fixed 5-s wait for a cell's outputs, also in a run that is given
+    a notebook alone (make test's second-model run): collect one notebook in a fresh pytest and read every
+    cell item's output_timeout back through a probe plugin."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
+    root_conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(root_conftest)
+    assert root_conftest.NBVAL_OUTPUT_TIMEOUT_S > 5
+
+    (tmp_path / "nbval_probe.py").write_text(
+        "def pytest_collection_finish(session):\n"
+        "    print('OUTPUT_TIMEOUTS', sorted({getattr(i, 'output_timeout', None) for i in session.items}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "notebooks/05_self_repair.ipynb", "--nbval-lax", "--collect-only", "-q",
+         "-p", "no:cacheprovider", "-p", "nbval_probe"],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("OUTPUT_TIMEOUTS"))
+    assert line == f"OUTPUT_TIMEOUTS [{root_conftest.NBVAL_OUTPUT_TIMEOUT_S}]", line
