@@ -331,6 +331,58 @@ def test_the_shipped_recipe_is_what_make_safety_adapter_trains():
     assert f"| **{recipes.SHIPPED_RECIPE}**: **the shipped adapter**" in recipes.TABLE.read_text()
 
 
+def _full_direction_search_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("full_direction_search", ROOT / "scripts" / "full_direction_search.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_full_direction_search_summary_counts_the_paper_filters():
+    """scripts/full_direction_search.py's summary: pruned (unscored) rows are not counted, KL and steering
+    filters inclusive at their thresholds, the steering candidates' KL range."""
+    import pandas as pd
+
+    search = _full_direction_search_script()
+    nan = float("nan")
+    table = pd.DataFrame({
+        "position": [-1, -1, -2, -2, -3],
+        "layer": [10, 20, 10, 20, 29],
+        "kl": [0.05, 0.30, 0.10, 0.60, nan],  # the last one is pruned: never scored
+        "steering_score": [-2.0, 0.5, 0.0, 1.0, nan],
+        "ablation_refusal_score": [1.0, -3.0, 0.5, -1.0, nan],
+    })
+    summary = search.summarize(table, kl_threshold=0.1, steering_threshold=0.0)
+    assert summary["n_scored"] == 4
+    assert summary["n_passing_kl"] == 2  # 0.05 and 0.10 (inclusive)
+    assert summary["n_steering"] == 3  # 0.5, 0.0 (inclusive), 1.0
+    assert summary["n_passing_both"] == 1  # (-2, 10)
+    assert summary["steering_score_range_of_kl_passing"] == [-2.0, 0.0]
+    assert summary["kl_range_of_steering"] == [0.1, 0.6]
+    assert summary["steering_candidates"] == [(-1, 20), (-2, 10), (-2, 20)]
+    none_steer = search.summarize(table.assign(steering_score=-1.0), kl_threshold=0.1, steering_threshold=0.0)
+    assert none_steer["n_steering"] == 0 and none_steer["kl_range_of_steering"] is None
+
+
+def test_committed_full_direction_search_agrees_with_its_table():
+    """helpers/data/refusal/full_direction_search.json (quoted by the refusal notebook and README) is the
+    summary of the table committed beside it, for the adapter shipped now."""
+    import pandas as pd
+
+    search = _full_direction_search_script()
+    folder = ROOT / "helpers" / "data" / "refusal"
+    result = json.loads((folder / "full_direction_search.json").read_text())
+    table = pd.read_csv(folder / "full_direction_search.csv")
+    summary = search.summarize(table, kl_threshold=result["kl_filter"], steering_threshold=result["steering_filter"])
+    summary["steering_candidates"] = [list(c) for c in summary["steering_candidates"]]
+    assert {k: result[k] for k in summary} == summary
+    assert (result["n_train"], result["n_val"], result["kl_filter"]) == (search.N_TRAIN, search.N_VAL, 0.1)
+    assert result["adapter_sha256"] == search.adapter_sha256(folder / "adapter"), (
+        "full_direction_search.json was run on another adapter: re-run scripts/full_direction_search.py (~33 min)")
+
+
 def test_safety_recipes_table_lists_only_what_the_given_folder_holds(tmp_path):
     recipes = _safety_recipes_script()
     one = next(iter(sorted(p.parent.name for p in recipes.SHIPPED.glob("*/eval.json"))))
