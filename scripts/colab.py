@@ -37,7 +37,7 @@ REFUSAL_NOTEBOOK = "03_refusal_direction"
 # runs of `make reproduce` (2026-11-21, refusal 2026-11-30; grokking with 1 torch thread); the 2026-12-02 runs of
 # 02/04/05/06 used 1 torch thread each, two or three runs sharing the 2 cores ("shared CPU": upper bounds).
 # ci: nbval's per-notebook time in build/test-report.xml from `make test` on clean clones (2026-11-29; refusal
-# 2026-11-30); the sections added on 2026-12-02 (issue 17) make 02/04/05/06 slower, not re-measured alone.
+# 2026-11-30, re-measured alone with `make notebook-test` on 2026-12-08); the sections added on 2026-12-02 (issue 17) make 02/04/05/06 slower, not re-measured alone.
 # "–" = not measured. The authoritative record of a reproduction run is figures/RESULTS.md.
 STUDIES = [
     dict(notebook="01_grokking_fourier_circuits", study="Grokking: Fourier circuits & progress measures",
@@ -56,13 +56,13 @@ STUDIES = [
          paper="Arditi et al. 2024 (+ ACE, Marshall et al. 2024)", paper_model="Gemma-2B-it (Qwen-1.8B-chat by one parameter)",
          embedded_model="SmolLM2-135M-Instruct + project LoRA safety tuning (blocks 8–14 of 30)",
          runtime_embedded="22.2 min (2 threads, alone; 2026-12-07)",
-         runtime_ci="3.8 min (2 threads, alone; 2026-12-07)",
+         runtime_ci="3.4 min (2 threads, alone; 2026-12-08)",
          status="partly reproduced on the safety-tuned embedded model; every assertion holds. Embedded run (50 test + "
                 "35 style-shift prompts per side, 48 HarmBench behaviours): tuned harmful refusal 0.90 / 0.97 / 0.60; "
                 "ablating r leaves 0.02 / 0.03 / 0.00, ACE 0.00 / 0.03 / 0.00; adding r makes harmless prompts refuse "
                 "0.10 → 0.84 (test), 0.40 → 1.00 (style-shift), ACE steering 0.88 / 1.00; Wikipedia loss +1.0% under "
                 "ablation (ACE +1.3%; the paper's Qwen-1.8B +0.6%). Not reproduced: the KL ≤ 0.1 filter (four "
-                "candidates pass, none steers; chosen 0.210), low over-refusal (0.10 test, contrast requests 0.27; "
+                "candidates pass, none steers; chosen 0.210; the full search over every layer: 33 pass, none steers), low over-refusal (0.10 test, contrast requests 0.27; "
                 "0.40 style-shift), refusal of HarmBench's phrasing (0.65 of all 200), addition ≥ 0.90 on the "
                 "test split, harmless KL under ablation (0.27)"),
     dict(notebook="04_entropy_neurons", study="Entropy & token-frequency neurons",
