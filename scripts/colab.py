@@ -33,22 +33,23 @@ DATA_WHEELS = {
 }
 REFUSAL_NOTEBOOK = "03_refusal_direction"
 
-# One row per study. Runtimes on the 2-core machine, no GPU, load average in brackets. embedded: the notebook
+# One row per study. Runtimes on the 2-core machine, no GPU. embedded: the notebook
 # runs of `make reproduce` (2026-11-21, refusal 2026-11-30; grokking with 1 torch thread); the 2026-12-02 runs of
 # 02/04/05/06 used 1 torch thread each, two or three runs sharing the 2 cores ("shared CPU": upper bounds).
-# ci: nbval's per-notebook time in build/test-report.xml from `make test` on clean clones (2026-11-29; refusal
-# 2026-11-30, re-measured alone with `make notebook-test` on 2026-12-08); the sections added on 2026-12-02 (issue 17) make 02/04/05/06 slower, not re-measured alone.
+# ci: the sum of nbval's cell times in build/test-report.xml from `make notebook-test` (every notebook in turn,
+# 2 torch threads, nothing else running; Gemma rows with MI_MODEL=gemma-3-270m), 2026-12-08; kernel start-up
+# (a few seconds per notebook) not included.
 # "–" = not measured. The authoritative record of a reproduction run is figures/RESULTS.md.
 STUDIES = [
     dict(notebook="01_grokking_fourier_circuits", study="Grokking: Fourier circuits & progress measures",
          paper="Nanda et al. 2023", paper_model="1-layer transformer trained from scratch (p = 113)",
          embedded_model="same model, trained here",
          runtime_embedded="98.7 min (40k epochs + 3 more seeds × 15k epochs; 1 thread beside 1–2 other jobs; 2026-12-02)",
-         runtime_ci="0.7 min [≈1]", status="reproduced (`embedded` run: every assertion passes; seeds 1–3 all grok, "
+         runtime_ci="0.5 min (2 threads, alone; 2026-12-08)", status="reproduced (`embedded` run: every assertion passes; seeds 1–3 all grok, "
          "each with its own key frequencies)"),
     dict(notebook="02_ioi_circuit", study="Indirect object identification circuit",
          paper="Wang et al. 2022", paper_model="GPT-2 small", embedded_model="SmolLM2-135M-Instruct",
-         runtime_embedded="17.2 min (beside one other run, 1 thread; 2026-12-02); Gemma-3-270M 15.0 min", runtime_ci="2.5–3.0 min [≈1] before backup name movers and §4.4",
+         runtime_embedded="17.2 min (beside one other run, 1 thread; 2026-12-02); Gemma-3-270M 15.0 min", runtime_ci="2.6 min (2 threads, alone; 2026-12-08)",
          status="reproduced on the embedded model, incl. backup name movers; the §4.4 control (a sentence repeating S "
                 "keeps the logit difference) does not reproduce; on Gemma-3-270M (`embedded`) the circuit keeps 0.91 of the "
                 "logit difference but its S-inhibition head attends END→S2 only 0.24 and the run stops there"),
@@ -67,26 +68,26 @@ STUDIES = [
                 "test split, harmless KL under ablation (0.27)"),
     dict(notebook="04_entropy_neurons", study="Entropy & token-frequency neurons",
          paper="Stolfo et al. 2024", paper_model="GPT-2 small", embedded_model="SmolLM2-135M-Instruct",
-         runtime_embedded="22.4 min (beside one other run, 1 thread; 2026-12-02); Gemma-3-270M 103.2 min (2 threads)", runtime_ci="0.8–1.1 min [≈1] before the induction/BOS sections",
+         runtime_embedded="22.4 min (beside one other run, 1 thread; 2026-12-02); Gemma-3-270M 103.2 min (2 threads)", runtime_ci="0.8 min (2 threads, alone; 2026-12-08)",
          status="reproduced on the embedded model; the induction entropy reduction is 9%, not the paper's 70%; "
                 "on Gemma-3-270M (`embedded`) the entropy and token-frequency neurons reproduce, induction does not "
                 "(largest reduction 2.0%, not through the norm) and the run stops there"),
     dict(notebook="05_self_repair", study="Self-repair",
          paper="Rushing & Nanda 2024", paper_model="GPT-2 small, Pythia-160M", embedded_model="SmolLM2-135M-Instruct",
          runtime_embedded="4.2 min (beside one other run, 1 thread; 2026-12-02); Gemma-3-270M 3.5 min",
-         runtime_ci="0.6–0.9 min [≈1]; Gemma-3-270M 1.9 min (shared CPU)",
+         runtime_ci="0.7 min; Gemma-3-270M 1.2 min (2 threads, alone; 2026-12-08)",
          status="reproduced on both embedded models (SmolLM2-135M-Instruct and Gemma-3-270M, `embedded` profile)"),
     dict(notebook="06_activation_patching_best_practices", study="Activation patching best practices",
          paper="Zhang & Nanda 2024", paper_model="GPT-2 small (IOI), GPT-2 XL (facts)",
          embedded_model="SmolLM2-135M-Instruct", runtime_embedded="31.3 min (shared CPU, 1 thread); Gemma-3-270M 17.4 min",
-         runtime_ci="2.2 min [≈1] before the S-inhibition and S2-vs-S1+IO sections; Gemma-3-270M 7.9 min (shared CPU)",
+         runtime_ci="2.8 min; Gemma-3-270M 3.3 min (2 threads, alone; 2026-12-08)",
          status="reproduced on the embedded model and on Gemma-3-270M (`embedded`), except: GN and STR find the same top "
                 "IOI heads, and sliding windows do not inflate effects (peak ratios 0.96 / 0.93 / 0.81)"),
     dict(notebook="07_sparse_autoencoders", study="Sparse autoencoders: frontier & seed consistency",
          paper="Paulo & Belrose 2025", paper_model="Pythia-160m MLP 6 (blog); Llama-3-8B in the paper",
          embedded_model="SmolLM2-135M-Instruct, MLP 15",
          runtime_embedded="33.5 min (2 threads, alone; 2026-12-04)",
-         runtime_ci="3.1 min (2 threads, alone; 2026-12-04)",
+         runtime_ci="2.5 min (2 threads, alone; 2026-12-08)",
          status="partly reproduced (embedded, 500k tokens, 2,304 latents): seeds share clearly fewer than all latents "
                 "(0.8% by the strict rule, 4.3% by the decoder alone; matched cosine 0.26 vs 0.14 for an untrained SAE) "
                 "and fewer at the larger size (4.1% at 1,152); not reproduced: ReLU + L1 more stable than TopK at matched "
