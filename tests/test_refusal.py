@@ -907,6 +907,34 @@ def test_select_direction_falls_back_to_the_lowest_kl_steering_candidate_only_wh
         R.select_direction(tiny, cands, HARMFUL, HARMLESS, layers=[1], if_none_pass="closest")
 
 
+def test_direction_functions_reject_bad_input_with_the_argument_named(tiny):
+    """Empty prompt lists, out-of-range layers or positions and wrong argument types get a ValueError /
+    TypeError that names the argument, before any forward pass: never NaN directions or an error from
+    inside torch."""
+    with pytest.raises(ValueError, match="`harmful` must be a non-empty list"):
+        R.candidate_directions(tiny, [], HARMLESS)  # was: NaN directions, silently
+    with pytest.raises(ValueError, match="`harmless` must be a non-empty list.*single string"):
+        R.candidate_directions(tiny, HARMFUL, "bake bread")
+    with pytest.raises(ValueError, match="non-empty list"):
+        R.mean_resid_pre(tiny, [], [-1])
+    cands = R.candidate_directions(tiny, HARMFUL, HARMLESS)
+    n_layers = tiny.cfg.n_layers
+    with pytest.raises(ValueError, match=f"layer {n_layers} is out of range"):
+        cands.direction(-1, n_layers)
+    with pytest.raises(ValueError, match=rf"layers \[{n_layers + 5}\] are out of range"):  # was: an IndexError
+        R.select_direction(tiny, cands, HARMFUL, HARMLESS, layers=[1, n_layers + 5])
+    with pytest.raises(ValueError, match=r"positions \[3\] are not post-instruction positions"):
+        R.select_direction(tiny, cands, HARMFUL, HARMLESS, layers=[1], positions=[3])
+    with pytest.raises(ValueError, match="`harmless_val` must be a non-empty list"):  # was: torch.cat's error
+        R.select_direction(tiny, cands, HARMFUL, [], layers=[1])
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):  # was: torch.cat's error
+        R.generate_completions(tiny, HARMLESS, max_new_tokens=0)
+    with pytest.raises(ValueError, match="non-empty list"):
+        R.last_logits(tiny, [])
+    with pytest.raises(TypeError, match="one ConditionResult"):  # was: AttributeError: 'list' object has no ...
+        R.refusal_by_group(["a completion"])
+
+
 def test_intervention_costs_share_the_clean_pass_and_match_one_at_a_time(tiny):
     from helpers.ablation import direction_ablation_hooks
     from helpers.prompts import tokenize

@@ -218,6 +218,9 @@ class CandidateDirections:
         """The (unnormalised) direction at negative ``position`` and ``layer``."""
         if position not in self.positions:
             raise ValueError(f"position {position} is not a post-instruction position; choose from {self.positions}.")
+        n_layers = self.directions.shape[1]
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"layer {layer} is out of range: the candidates cover layers 0..{n_layers - 1}.")
         return self.directions[self.positions.index(position), layer]
 
     def position_label(self, position: int) -> str:
@@ -244,6 +247,10 @@ def mean_resid_pre(model: Any, instructions: Sequence[str], positions: Sequence[
                    batch_size: int = 16, desc: str = "mean resid_pre") -> Float[torch.Tensor, "pos layer d_model"]:
     """Mean of ``blocks.{l}.hook_resid_pre`` over ``instructions`` at the given negative positions
     (every layer), in float64. Only the resid_pre hooks are cached."""
+    if isinstance(instructions, str) or not instructions:
+        raise ValueError(f"mean_resid_pre ({desc}) needs a non-empty list of instruction strings, got "
+                         f"{'a single string' if isinstance(instructions, str) else 'an empty list'}: a mean over no "
+                         "prompts is undefined.")
     total = torch.zeros(len(positions), model.cfg.n_layers, model.cfg.d_model, dtype=torch.float64)
     for _, resid in resid_pre_batches(model, instructions, batch_size=batch_size, desc=desc):
         for layer, acts in enumerate(resid):
@@ -254,6 +261,11 @@ def mean_resid_pre(model: Any, instructions: Sequence[str], positions: Sequence[
 def candidate_directions(model: Any, harmful: Sequence[str], harmless: Sequence[str], *,
                          batch_size: int = 16) -> CandidateDirections:
     """mean(harmful) − mean(harmless) of resid_pre at every layer and post-instruction position."""
+    for name, instructions in (("harmful", harmful), ("harmless", harmless)):
+        if isinstance(instructions, str) or not instructions:
+            raise ValueError(f"candidate_directions: `{name}` must be a non-empty list of instruction strings "
+                             f"(got {'a single string' if isinstance(instructions, str) else 'an empty list'}); the "
+                             "difference of means needs prompts on both sides.")
     tokens = post_instruction_tokens(model)
     positions = list(range(-len(tokens), 0))
     harmful_mean = mean_resid_pre(model, harmful, positions, batch_size=batch_size, desc="harmful means")
@@ -330,6 +342,8 @@ def massive_activation_dims(model: Any, instructions: Sequence[str], *, min_magn
 def last_logits(model: Any, instructions: Sequence[str], *, fwd_hooks: Sequence[tuple[str, Callable]] = (),
                 batch_size: int = 32) -> Float[torch.Tensor, "batch d_vocab"]:
     """Next-token logits at the last prompt position, with ``fwd_hooks`` active (float32, CPU)."""
+    if isinstance(instructions, str) or not instructions:
+        raise ValueError("last_logits expects a non-empty list of instruction strings (e.g. the val prompts of one side).")
     out = []
     for start in range(0, len(instructions), batch_size):
         batch = chat_batch(model, instructions[start:start + batch_size])
@@ -413,8 +427,21 @@ def select_direction(model: Any, candidates: CandidateDirections, harmful_val: S
         raise ValueError(f"if_none_pass must be 'raise' or 'lowest_kl', got {if_none_pass!r}.")
     n_layers = model.cfg.n_layers
     max_layer = int(n_layers * (1 - prune_layer_fraction))
-    layers = list(range(n_layers)) if layers is None else list(layers)
-    positions = list(candidates.positions) if positions is None else list(positions)
+    layers = list(range(n_layers)) if layers is None else [int(layer) for layer in layers]
+    positions = list(candidates.positions) if positions is None else [int(p) for p in positions]
+    bad_layers = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad_layers:
+        raise ValueError(f"select_direction: layers {bad_layers} are out of range; the model has layers 0..{n_layers - 1} "
+                         "(layers=None scores every layer).")
+    bad_positions = [p for p in positions if p not in candidates.positions]
+    if bad_positions:
+        raise ValueError(f"select_direction: positions {bad_positions} are not post-instruction positions; choose from "
+                         f"{candidates.positions} (positions=None scores every one).")
+    if not layers or not positions:
+        raise ValueError("select_direction: `layers` and `positions` must each name at least one candidate.")
+    for name, prompts in (("harmful_val", harmful_val), ("harmless_val", harmless_val)):
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError(f"select_direction: `{name}` must be a non-empty list of instruction strings.")
     refusal_ids = refusal_token_ids(model)
     harmful_base = last_logits(model, harmful_val, batch_size=batch_size)
     harmless_base = last_logits(model, harmless_val, batch_size=batch_size)
@@ -501,6 +528,10 @@ def generate_completions(model: Any, instructions: Sequence[str], *, max_new_tok
     """
     from helpers.prompts import generate_greedy
 
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"generate_completions: max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+    if isinstance(instructions, str) or not instructions:
+        raise ValueError("generate_completions expects a non-empty list of instruction strings.")
     tokenizer = model.tokenizer
     stop_ids = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
     completions: list[str] = []
@@ -586,6 +617,9 @@ def refusal_by_group(condition: ConditionResult, groups: Sequence[str] | None = 
     ones, the harm category for harmful ones), ``"other"`` for texts outside this project's sets."""
     import pandas as pd
 
+    if not isinstance(condition, ConditionResult):
+        raise TypeError(f"refusal_by_group takes one ConditionResult (what evaluate_condition returns), got "
+                        f"{type(condition).__name__}.")
     if groups is None:
         groups = [request_group(r) if r is not None else "other" for r in describe_requests(condition.instructions)]
     if len(groups) != len(condition.instructions):
