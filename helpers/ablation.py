@@ -509,6 +509,8 @@ def activation_addition_hooks(
     if not isinstance(direction, torch.Tensor) or direction.ndim != 1 or direction.shape[0] != model.cfg.d_model:
         shape = tuple(direction.shape) if isinstance(direction, torch.Tensor) else type(direction).__name__
         raise ValueError(f"direction must be a 1-D tensor of length d_model={model.cfg.d_model}, got {shape}.")
+    if not bool(torch.isfinite(direction).all()):
+        raise ValueError("direction has non-finite entries (NaN or inf): adding it would make every activation NaN.")
     if not 0 <= layer < model.cfg.n_layers:
         raise ValueError(f"layer {layer} is out of range; the model has {model.cfg.n_layers} layers.")
     if site not in RESID_SITES:

@@ -15,6 +15,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from helpers import ablation as A
 from helpers.studies.refusal import direction as R
 from helpers.studies.refusal import data as D
 from helpers.studies.refusal import judges as J
@@ -933,6 +934,33 @@ def test_direction_functions_reject_bad_input_with_the_argument_named(tiny):
         R.last_logits(tiny, [])
     with pytest.raises(TypeError, match="one ConditionResult"):  # was: AttributeError: 'list' object has no ...
         R.refusal_by_group(["a completion"])
+    d = cands.direction(-1, 1)
+    with pytest.raises(ValueError, match="d_model"):  # was: a matmul size mismatch
+        R.projections(tiny, HARMLESS, torch.randn(tiny.cfg.d_model + 1), -1)
+    with pytest.raises(ValueError, match="position 99 is outside the chat prompts"):  # was: an IndexError
+        R.projections(tiny, HARMLESS, d, 99)
+    assert R.projections(tiny, HARMLESS[:2], d, 0, batch_size=1).shape == (2, n_layers)  # any in-range position
+    with pytest.raises(ValueError, match="non-empty list"):  # was: torch.cat's error
+        R.projections(tiny, [], d, -1)
+    with pytest.raises(ValueError, match="non-finite"):  # was: hooks that turn every activation into NaN
+        A.activation_addition_hooks(tiny, torch.full_like(d, float("nan")), 1)
+    with pytest.raises(ValueError, match=r"\[batch, d_vocab\]"):
+        R.refusal_scores(torch.randn(5), [1, 2])
+    with pytest.raises(ValueError, match="same shape"):  # was: a broadcasting error
+        R.kl_per_prompt(torch.randn(2, 10), torch.randn(3, 10))
+    with pytest.raises(ValueError, match=r"\[n, d_model\]"):  # was: a scalar 1.0
+        R.cosine_similarity_matrix(d)
+    with pytest.raises(TypeError, match="one completion string"):
+        J.is_refusal(None)
+    for bad in (0, -1, 2.5, True):  # 0 was a ZeroDivisionError; -1 an empty list
+        with pytest.raises(ValueError, match="val split: the number of instructions to take must be a positive integer"):
+            R.spread_evenly(HARMLESS, bad, "val split")
+    with pytest.raises(ValueError, match="positive integer"):  # was: an empty set, silently
+        R.load_study_style_shift(0)
+    with pytest.raises(ValueError, match="positive integer"):  # was: all but the last three behaviours
+        R.load_study_harmbench(-3)
+    import numpy as np
+    assert R.spread_evenly(HARMLESS, np.int64(2), "val split") == R.spread_evenly(HARMLESS, 2, "val split")
 
 
 def test_intervention_costs_share_the_clean_pass_and_match_one_at_a_time(tiny):

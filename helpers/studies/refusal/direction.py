@@ -40,6 +40,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import operator
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -134,6 +135,9 @@ def refusal_scores(logits: Float[torch.Tensor, "batch pos d_vocab"] | Float[torc
     Read at position ``-1`` (each prompt's last token in a left-padded batch) when ``logits`` has a
     position axis. Positive = the model is more likely than not to start with a refusal token.
     """
+    if logits.ndim not in (2, 3):
+        raise ValueError(f"refusal_scores expects logits of shape [batch, d_vocab] or [batch, pos, d_vocab], got "
+                         f"{tuple(logits.shape)}.")
     last = logits[:, -1] if logits.ndim == 3 else logits
     logprobs = last.to(torch.float64).log_softmax(-1)
     log_p = logprobs[:, list(refusal_ids)].logsumexp(-1)
@@ -144,6 +148,18 @@ def refusal_scores(logits: Float[torch.Tensor, "batch pos d_vocab"] | Float[torc
 # --------------------------------------------------------------------------------------------------
 # Chat prompts and the post-instruction positions
 # --------------------------------------------------------------------------------------------------
+
+
+def _positive_int(value: Any, what: str) -> int:
+    """``value`` as an int if it is a whole number ≥ 1 (numpy integers included); otherwise a ValueError
+    that starts with ``what``."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or isinstance(value, bool) or number < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}.")
+    return number
 
 
 def chat_batch(model: Any, instructions: Sequence[str]) -> Any:
@@ -355,6 +371,9 @@ def last_logits(model: Any, instructions: Sequence[str], *, fwd_hooks: Sequence[
 def kl_per_prompt(logits: Float[torch.Tensor, "batch d_vocab"],
                   reference: Float[torch.Tensor, "batch d_vocab"]) -> Float[torch.Tensor, "batch"]:
     """KL(reference ‖ logits) of the next-token distributions, per prompt, in nats."""
+    if logits.ndim != 2 or logits.shape != reference.shape:
+        raise ValueError(f"kl_per_prompt expects logits and reference of the same shape [batch, d_vocab], got "
+                         f"{tuple(logits.shape)} and {tuple(reference.shape)}.")
     ref = reference.to(torch.float64).log_softmax(-1)
     new = logits.to(torch.float64).log_softmax(-1)
     return (ref.exp() * (ref - new)).sum(-1).float()
@@ -528,8 +547,7 @@ def generate_completions(model: Any, instructions: Sequence[str], *, max_new_tok
     """
     from helpers.prompts import generate_greedy
 
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"generate_completions: max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+    max_new_tokens = _positive_int(max_new_tokens, "generate_completions: max_new_tokens")
     if isinstance(instructions, str) or not instructions:
         raise ValueError("generate_completions expects a non-empty list of instruction strings.")
     tokenizer = model.tokenizer
@@ -713,9 +731,18 @@ def projections(model: Any, instructions: Sequence[str], direction: Float[torch.
                 position: int, *, batch_size: int = 16) -> Float[torch.Tensor, "batch layer"]:
     """Projection of ``blocks.{l}.hook_resid_pre`` at negative ``position`` onto the unit ``direction``,
     for every prompt and layer."""
-    unit = direction.float() / direction.float().norm()
-    out = [torch.stack([acts[:, position].float().cpu() @ unit for acts in resid], dim=1)
-           for _, resid in resid_pre_batches(model, instructions, batch_size=batch_size)]
+    from helpers.ablation import unit_direction
+
+    if isinstance(instructions, str) or not instructions:
+        raise ValueError("projections expects a non-empty list of instruction strings.")
+    unit = unit_direction(direction, model.cfg.d_model).float().cpu()
+    out = []
+    for batch, resid in resid_pre_batches(model, instructions, batch_size=batch_size):
+        length = batch.tokens.shape[1]
+        if not -length <= position < length:
+            raise ValueError(f"position {position} is outside the chat prompts ({length} tokens in this batch); use a "
+                             "negative post-instruction position such as -1.")
+        out.append(torch.stack([acts[:, position].float().cpu() @ unit for acts in resid], dim=1))
     return torch.cat(out)
 
 
@@ -804,6 +831,8 @@ def mean_coordinates(candidates: CandidateDirections, position: int,
 
 def cosine_similarity_matrix(directions: Float[torch.Tensor, "layer d_model"]) -> Float[torch.Tensor, "layer layer"]:
     """Cosine similarity between every pair of (layer) directions."""
+    if directions.ndim != 2:
+        raise ValueError(f"cosine_similarity_matrix expects directions of shape [n, d_model], got {tuple(directions.shape)}.")
     unit = directions.float() / directions.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return unit @ unit.T
 
@@ -879,6 +908,7 @@ def study_model_description(paper_model: str, profile: str | None = None) -> str
 
 def spread_evenly(items: Sequence[str], n: int, what: str) -> list[str]:
     """``n`` of ``items`` taken with a stride, so they spread over the whole (category-ordered) list."""
+    n = _positive_int(n, f"{what}: the number of instructions to take")
     if n > len(items):
         raise ValueError(f"{what} has {len(items)} instructions; asked for {n}.")
     stride = len(items) / n
@@ -926,6 +956,7 @@ def load_study_harmbench(n: int | None = None, *, exclude: Iterable[str] = (), s
     because the paper's training splits include HarmBench behaviours. On the embedded model nothing
     from HarmBench is used for tuning or selection: it is a harmful test set written by another team.
     """
+    n = None if n is None else _positive_int(n, "load_study_harmbench: n (None: all 200)")
     seen = set(exclude)
     requests = [r for r in load_harmbench_requests() if r.text not in seen]
     if n is None:
@@ -943,6 +974,7 @@ def load_study_style_shift(n: int | None = None, *, seed: int = 0) -> dict[str, 
     alias: the file cycles through the voices within each category.) The same set in every
     profile: it is this project's held-out check that refusal and its direction generalise beyond
     one style of request."""
+    n = None if n is None else _positive_int(n, "load_study_style_shift: n (None: the whole set)")
     out = {}
     for kind in KINDS:
         requests = [r for r in load_style_shift_requests() if r.kind == kind]
