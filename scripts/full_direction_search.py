@@ -104,7 +104,9 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    table.round(4).to_csv(args.out.with_suffix(".csv"), index=False)
+    # the template token of each position is in the summary (post_instruction_tokens); in the CSV, tokens such as
+    # "\n" would make multi-line fields
+    table.drop(columns="token").round(4).to_csv(args.out.with_suffix(".csv"), index=False)
     print(json.dumps(result, indent=1))
 
 
