@@ -292,13 +292,18 @@ def test_importing_every_helpers_module_emits_no_warning():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def _safety_recipes_script():
+def _load_file(path: Path, name: str):
+    """The Python file at ``path`` imported as a module called ``name`` (scripts/ is not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("safety_recipes", ROOT / "scripts" / "safety_recipes.py")
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _safety_recipes_script():
+    return _load_file(ROOT / "scripts" / "safety_recipes.py", "safety_recipes")
 
 
 def test_safety_recipes_table_is_built_from_every_shipped_evaluation():
@@ -332,12 +337,7 @@ def test_the_shipped_recipe_is_what_make_safety_adapter_trains():
 
 
 def _full_direction_search_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("full_direction_search", ROOT / "scripts" / "full_direction_search.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_file(ROOT / "scripts" / "full_direction_search.py", "full_direction_search")
 
 
 def test_full_direction_search_summary_counts_the_paper_filters():
@@ -442,14 +442,11 @@ def test_nbval_waits_longer_than_5_s_for_cell_outputs(tmp_path):
     """The root conftest.py raises nbval's fixed 5-s wait for a cell's outputs, also in a run that is given
     a notebook alone (make test's second-model run): collect one notebook in a fresh pytest and read every
     cell item's output_timeout back through a probe plugin."""
-    import importlib.util
     import os
     import subprocess
     import sys
 
-    spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
-    root_conftest = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(root_conftest)
+    root_conftest = _load_file(ROOT / "conftest.py", "root_conftest")
     assert root_conftest.NBVAL_OUTPUT_TIMEOUT_S > 5
 
     (tmp_path / "nbval_probe.py").write_text(
