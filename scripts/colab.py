@@ -56,7 +56,7 @@ STUDIES = [
     dict(notebook="03_refusal_direction", study="Refusal is mediated by a single direction",
          paper="Arditi et al. 2024 (+ ACE, Marshall et al. 2024)", paper_model="Gemma-2B-it (Qwen-1.8B-chat by one parameter)",
          embedded_model="SmolLM2-135M-Instruct + project LoRA safety tuning (blocks 8–14 of 30)",
-         runtime_embedded="22.2 min (2 threads, alone; 2026-12-07)",
+         runtime_embedded="19.8 min (2 threads, alone; 2026-12-08)",
          runtime_ci="3.4 min (2 threads, alone; 2026-12-08)",
          status="partly reproduced on the safety-tuned embedded model; every assertion holds. Embedded run (50 test + "
                 "35 style-shift prompts per side, 48 HarmBench behaviours): tuned harmful refusal 0.90 / 0.97 / 0.60; "
